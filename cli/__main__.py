@@ -1,0 +1,3 @@
+from d2d_cli.main import main
+
+main()

@@ -1,0 +1,188 @@
+"""d2d command line: parse, build the stage config, call the library, print a summary.
+
+Stage commands are generated from the stage registry: every field of a stage's config dataclass
+becomes an option whose help text is the field's doc, so the CLI and recipes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from d2d_cli.render import RichProgress, console, err_console, print_record
+
+app = typer.Typer(
+    name="d2d",
+    help="Turn dense transformer checkpoints into dynamic-compute (dynamic-k MoE) models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextmanager
+def handled(debug: bool):
+    """Library errors become one line on stderr and exit code 2; no traceback unless --debug."""
+    from d2d.errors import D2DError
+
+    try:
+        yield
+    except D2DError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # an unexpected failure: still one line, the traceback on request
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {msg} "
+            "(re-run with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
+def _option_type(tp):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return Optional[args[0]]  # noqa: UP045 - typer reads typing.Optional reliably
+    return tp
+
+
+def _stage_command(name: str):
+    from d2d.stages import STAGES
+
+    spec = STAGES[name]
+    hints = typing.get_type_hints(spec.config_cls)
+    params = [
+        inspect.Parameter(
+            "input",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str,
+            default=typer.Argument(
+                ..., help="Model: alias, HF folder, .gguf file, cached hub id, or a d2d artifact."
+            ),
+        ),
+    ]
+    if spec.writes_artifact:
+        params.append(
+            inspect.Parameter(
+                "out",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Path,
+                default=typer.Option(..., "--out", "-o", help="Output artifact folder."),
+            )
+        )
+        params.append(
+            inspect.Parameter(
+                "overwrite",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=bool,
+                default=typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+            )
+        )
+    else:
+        params.append(
+            inspect.Parameter(
+                "json_out",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Optional[Path],  # noqa: UP045
+                default=typer.Option(None, "--json", help="Also write the report to this file."),
+            )
+        )
+    for f in dataclasses.fields(spec.config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        decls = [flag] if hints[f.name] is not bool else [f"{flag}/--no-{flag[2:]}"]
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=_option_type(hints[f.name]),
+                default=typer.Option(default, *decls, help=f.metadata.get("help", "")),
+            )
+        )
+    params.append(
+        inspect.Parameter(
+            "debug",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, "--debug", help="Show tracebacks."),
+        )
+    )
+
+    def command(**kw):
+        from d2d.artifact import write_json_atomic
+        from d2d.stages import make_config, run_stage
+
+        debug = kw.pop("debug")
+        inp = kw.pop("input")
+        out = kw.pop("out", None)
+        overwrite = kw.pop("overwrite", False)
+        json_out = kw.pop("json_out", None)
+        with handled(debug):
+            cfg = make_config(name, kw)
+            with RichProgress() as progress:
+                record = run_stage(name, inp, cfg, out, overwrite, progress)
+            if json_out is not None:
+                write_json_atomic(json_out, record)
+            print_record(name, record, out)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = spec.help
+    return command
+
+
+def _register():
+    from d2d.stages import STAGES
+
+    for name in STAGES:
+        app.command(name)(_stage_command(name))
+
+
+_register()
+
+
+@app.command("run")
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[list[str]] = typer.Argument(  # noqa: UP045
+        None, help="Overrides: key=value or stage.key=value."
+    ),
+    force: bool = typer.Option(False, "--force", help="Redo stages whose output exists."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Run a recipe's stages in order."""
+    from d2d.recipe import run_recipe
+
+    with handled(debug), RichProgress() as progress:
+
+        def on_stage(name, rec):
+            progress.pause()
+            if rec.get("skipped"):
+                console.print(f"[dim]{name}: {rec['out']} is up to date, skipped[/]")
+            else:
+                print_record(name, rec, rec.get("out"))
+            progress.resume()
+
+        run_recipe(recipe, overrides or [], force, progress, on_stage)
+
+
+def main():  # pragma: no cover - console entry point
+    sys.exit(app())

@@ -1,0 +1,126 @@
+"""Rich rendering: progress bars from the library's callback, and per-stage summary tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RichProgress:
+    """A progress callback that draws one bar per task name."""
+
+    def __init__(self):
+        self._p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._p.stop()
+        return False
+
+    def pause(self):
+        self._p.stop()
+
+    def resume(self):
+        self._p.start()
+
+    def __call__(self, task: str, completed: int, total: int, **info: float) -> None:
+        text = "  ".join(f"{k}={v:.4g}" for k, v in info.items())
+        if task not in self._tasks:
+            self._tasks[task] = self._p.add_task(task, total=total, info=text)
+        self._p.update(self._tasks[task], completed=completed, total=total, info=text)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _policy(p: dict) -> str:
+    if p.get("rule") == "all":
+        return "all experts"
+    if p.get("taus"):
+        vals = list(p["taus"].values())
+        return f"per-layer tau {min(vals):g}..{max(vals):g}"
+    if p.get("rule") == "topk":
+        return f"top-k {p.get('fraction', 1):.0%}"
+    return f"tau {p.get('tau', 0):g}"
+
+
+def calibration_table(cal: dict, title: str = "calibration") -> Table:
+    t = Table(title=title)
+    for c in ("", "rule", "routing", "FFN FLOPs", "model FLOPs", cal["metric"], "change"):
+        t.add_column(c, justify="right" if c not in ("rule", "routing", "") else "left")
+    for j, r in enumerate(cal["rows"]):
+        mark = "->" if j == cal.get("choice") else ""
+        t.add_row(
+            mark,
+            r["rule"],
+            _policy(r["policy"]),
+            _pct(r["ffn_fraction"]),
+            _pct(r["model_fraction"]),
+            f"{r['quality']:.4g}",
+            f"{100 * r['drop']:+.2f}%",
+            style="bold green" if mark else None,
+        )
+    return t
+
+
+def print_record(stage: str, rec: dict, out) -> None:
+    m = rec.get("metrics", {})
+    if stage == "convert":
+        console.print(
+            f"[bold]convert[/]: {m['converted_layers']} layers, {m['n_experts']} experts "
+            f"of {m['expert_size']} neurons each"
+        )
+    elif stage == "train-routers":
+        t = Table(
+            title=f"routers ({m['train_tokens']} training tokens, {m['heldout_tokens']} held-out)"
+        )
+        for c in ("layer", "train MSE", "held-out R^2", "norm captured @25%"):
+            t.add_column(c, justify="right")
+        for i, v in m["per_layer"].items():
+            t.add_row(i, f"{v['train_mse']:.4g}", f"{v['r2']:.3f}", _pct(v["capture_25"]))
+        t.add_row("mean", "", f"{m['mean_r2']:.3f}", _pct(m["mean_capture_25"]), style="bold")
+        console.print(t)
+    elif stage == "calibrate":
+        console.print(
+            f"[bold]calibrate[/]: chose {m['rule']} at {_pct(m['ffn_fraction'])} of FFN "
+            f"FLOPs, {m['metric']} {m['quality']:.4g} (dense {m['dense_quality']:.4g}, "
+            f"{100 * m['drop']:+.2f}%)"
+        )
+    elif stage == "eval":
+        t = Table(
+            title=f"held-out evaluation ({m['tokens']} tokens), routing: {_policy(m['policy'])}"
+        )
+        for c in ("model", m["rows"][0]["metric"], "change", "FFN FLOPs", "model FLOPs", "time"):
+            t.add_column(c, justify="right")
+        for r in m["rows"]:
+            t.add_row(
+                r["model"],
+                f"{r['quality']:.4g}",
+                f"{100 * r['drop']:+.2f}%",
+                _pct(r["ffn_fraction"]),
+                _pct(r["model_fraction"]),
+                f"{r['seconds']:.1f}s",
+            )
+        console.print(t)
+    where = f" -> {out}" if out and stage != "eval" else ""
+    console.print(
+        f"[dim]{stage} took {rec.get('seconds', 0):.1f}s, peak memory "
+        f"{rec.get('peak_rss_mb', 0):.0f} MB{where}[/]"
+    )

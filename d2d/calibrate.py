@@ -1,0 +1,288 @@
+"""`calibrate`: sweep the dynamic-k threshold, measure cost and quality, pick an operating point.
+
+Two selection rules are calibrated side by side on the calibration split:
+
+* global tau: one threshold for every layer (D2DMoE's rule);
+* per-layer tau: a threshold per layer, allocated where it costs least. Each layer's cost of a
+  threshold is estimated from one forward/backward pass: with g the gradient of a sampled-label
+  log-likelihood (its outer product is the Fisher information) at the layer's output and dy the
+  change of the layer's output when experts are skipped, sum_t (g_t . dy_t)^2 approximates twice
+  the KL divergence the change causes. A Lagrangian allocation then picks per-layer thresholds
+  for each FLOPs budget, and every allocation is measured for real before it can be chosen.
+
+Optionally the first `dense_sink` positions of each sequence run every expert: on decoder LMs
+the first token is an attention sink whose FFN output is large and easily damaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from d2d.errors import D2DError
+from d2d.evaluate import Evaluator, Measurement, quality_drop
+from d2d.moe.convert import moe_layers
+from d2d.moe.routing import routing
+from d2d.progress import Progress, null_progress
+
+DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
+LAYER_GRID = np.array(
+    [
+        0,
+        0.002,
+        0.005,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.04,
+        0.05,
+        0.075,
+        0.1,
+        0.125,
+        0.15,
+        0.2,
+        0.25,
+        0.3,
+        0.4,
+        0.5,
+        0.7,
+        1.0,
+    ]
+)
+DEFAULT_BUDGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+
+
+def parse_taus(spec: str) -> list[float]:
+    try:
+        taus = sorted({float(t) for t in str(spec).split(",") if t.strip()})
+    except ValueError:
+        raise D2DError(f"bad tau list {spec!r}: use numbers like 0,0.05,0.1") from None
+    if not taus:
+        raise D2DError("the tau list is empty: give at least one tau in [0, 1]")
+    for t in taus:
+        if not 0.0 <= t <= 1.0:
+            raise D2DError(f"tau must be in [0, 1], got {t}")
+    return taus
+
+
+@dataclass
+class CalibrateConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Calibration text (files or alias)."})
+    taus: str = field(default=DEFAULT_TAUS, metadata={"help": "Global tau grid, comma-separated."})
+    target_flops: float | None = field(
+        default=None, metadata={"help": "Choose the best quality at <= this FFN FLOPs fraction."}
+    )
+    max_quality_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%). "
+            "Default when no target is given: 0.02."
+        },
+    )
+    per_layer: bool = field(default=True, metadata={"help": "Also calibrate per-layer taus."})
+    dense_sink: int = field(
+        default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
+    )
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    tokens: int = field(default=8192, metadata={"help": "Calibration tokens."})
+    sensitivity_tokens: int = field(
+        default=2048, metadata={"help": "Tokens for the per-layer sensitivity pass."}
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+
+    def __post_init__(self):
+        parse_taus(self.taus)
+        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
+            raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
+        if self.max_quality_drop is not None and self.max_quality_drop < 0:
+            raise D2DError(f"max-quality-drop must be >= 0, got {self.max_quality_drop}")
+        if self.target_flops is not None and self.max_quality_drop is not None:
+            raise D2DError("give --target-flops or --max-quality-drop, not both")
+        if self.dense_sink < 0 or self.seq_len < 2 or self.tokens < 1:
+            raise D2DError("dense-sink must be >= 0, seq-len >= 2 and tokens >= 1")
+
+
+def _row(rule: str, policy: dict, m: Measurement, dense_q: float, metric: str) -> dict:
+    return {
+        "rule": rule,
+        "policy": policy,
+        "ffn_fraction": m.ffn_fraction,
+        "model_fraction": m.model_fraction,
+        "quality": m.quality,
+        "drop": quality_drop(metric, m.quality, dense_q),
+        "layer_fractions": m.layer_fractions,
+    }
+
+
+def layer_sensitivity(model, ev: Evaluator, dense_sink: int, tokens: int, seed: int = 0):
+    """Per layer and grid tau: (fraction of experts run, estimated cost)."""
+    moes = moe_layers(model)
+    gen = torch.Generator().manual_seed(seed)
+    caps: dict[int, list] = {i: [] for i in moes}
+    outs: dict[int, list] = {i: [] for i in moes}
+
+    def make(i):
+        def cap(x, h):
+            pos = moes[i].context.positions
+            tm = moes[i].context.token_mask
+            caps[i].append(
+                (
+                    x.detach().float(),
+                    None if pos is None else pos.reshape(-1),
+                    None if tm is None else tm.reshape(-1).bool(),
+                )
+            )
+
+        return cap
+
+    hooks = []
+    for i, m in moes.items():
+        m.capture = make(i)
+        hooks.append(m.register_forward_hook(lambda mod, a, y, i=i: outs[i].append(y)))
+    grads: dict[int, list] = {i: [] for i in moes}
+    used = 0
+    try:
+        with routing(model, {"rule": "all"}):
+            for b in ev.batches:
+                if used >= tokens:
+                    break
+                used += int(b["input_ids"].numel())
+                kw = {k: v for k, v in b.items() if not k.endswith("_")}
+                with torch.enable_grad():
+                    out = model(**kw)
+                    loss = _fisher_loss(ev.task, out, kw, gen)
+                    ys = [outs[i][-1] for i in moes]
+                    gs = torch.autograd.grad(loss, ys, allow_unused=True)
+                for i, g in zip(moes, gs, strict=True):
+                    grads[i].append(torch.zeros_like(ys[0]) if g is None else g.detach())
+                for i in moes:
+                    outs[i].clear()
+    finally:
+        for m in moes.values():
+            m.capture = None
+        for h in hooks:
+            h.remove()
+    table = {}
+    with torch.no_grad():
+        for i, m in moes.items():
+            x = torch.cat([c[0] for c in caps[i]])
+            pos = torch.cat([c[1] for c in caps[i]]) if caps[i][0][1] is not None else None
+            tm = torch.cat([c[2] for c in caps[i]]) if caps[i][0][2] is not None else None
+            g = torch.cat([t.reshape(-1, m.d_model) for t in grads[i]]).float()
+            h = m.hidden(x)
+            scores = (
+                m.router(x) if m.scores == "router" and m.router is not None else m.expert_norms(h)
+            )
+            E, s = m.n_experts, m.expert_size
+            keep_all = (pos < dense_sink) if (pos is not None and dense_sink > 0) else None
+            fr, cost = [], []
+            for tau in LAYER_GRID:
+                mask = scores >= tau * scores.amax(-1, keepdim=True)
+                if keep_all is not None:
+                    mask |= keep_all[:, None]
+                dropped = (h.view(-1, E, s) * (~mask).unsqueeze(-1)).view(-1, E * s)
+                dy = F.linear(dropped, m.w_out.float())
+                c = (g * dy).sum(-1) ** 2
+                if tm is not None:
+                    c, mask = c[tm], mask[tm]
+                fr.append(float(mask.float().mean()))
+                cost.append(float(c.sum()))
+            table[i] = (np.array(fr), np.maximum.accumulate(np.array(cost)))
+    return table
+
+
+def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
+    if task == "encoder":
+        h = out.last_hidden_state
+        r = torch.randn(h.shape, generator=gen).to(h.dtype)
+        return (h * r * kw["attention_mask"].unsqueeze(-1)).sum()
+    logits = out.logits.float()
+    probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
+    y = torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def allocate(table: dict, budget: float) -> dict[int, float]:
+    """Per-layer taus minimising the summed cost with mean expert fraction <= budget."""
+    layers = list(table)
+
+    def pick(lam):
+        return {i: int(np.argmin(table[i][1] + lam * table[i][0])) for i in layers}
+
+    def frac(choice):
+        return float(np.mean([table[i][0][choice[i]] for i in layers]))
+
+    if frac(pick(0.0)) <= budget:
+        choice = pick(0.0)
+    else:
+        scale = max(max(table[i][1].max() for i in layers), 1e-30)
+        lo, hi = 0.0, scale
+        while frac(pick(hi)) > budget and hi < scale * 1e12:
+            hi *= 10
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if frac(pick(mid)) > budget else (lo, mid)
+        choice = pick(hi)
+    return {i: float(LAYER_GRID[choice[i]]) for i in layers}
+
+
+def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
+    if cfg.target_flops is not None:
+        ok = [j for j, r in enumerate(rows) if r["ffn_fraction"] <= cfg.target_flops + 0.01]
+        if not ok:
+            raise D2DError(
+                f"no calibrated point reaches {cfg.target_flops:.0%} of the FFN FLOPs: "
+                "add larger taus to --taus or raise --target-flops"
+            )
+        return min(ok, key=lambda j: rows[j]["drop"])
+    limit = 0.02 if cfg.max_quality_drop is None else cfg.max_quality_drop
+    ok = [j for j, r in enumerate(rows) if r["drop"] <= limit]
+    return min(ok, key=lambda j: (rows[j]["ffn_fraction"], rows[j]["drop"]))
+
+
+def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_progress) -> dict:
+    """Sweep taus on the calibration split; returns the calibration record (table + choice)."""
+    moes = moe_layers(model)
+    if not moes or any(m.router is None for m in moes.values()):
+        raise D2DError("calibrate needs routers: run d2d train-routers first")
+    ev = Evaluator(model, tokenizer, cfg.data, "calib", cfg.seq_len, cfg.tokens, cfg.seed, cfg.bf16)
+    dense = ev.measure(model, {"rule": "all"}, progress, "dense reference")
+    rows = [_row("dense", {"rule": "all"}, dense, dense.quality, ev.metric)]
+    sink = cfg.dense_sink
+    taus = parse_taus(cfg.taus)
+    for j, tau in enumerate(taus):
+        pol = {"rule": "tau", "tau": tau, "dense_positions": sink}
+        rows.append(_row("global-tau", pol, ev.measure(model, pol), dense.quality, ev.metric))
+        progress("global tau sweep", j + 1, len(taus), tau=tau)
+    if cfg.per_layer:
+        with routing(model, {"rule": "tau", "tau": 0.0}):
+            table = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
+        budgets = sorted(
+            set(DEFAULT_BUDGETS) | ({cfg.target_flops} if cfg.target_flops else set()), reverse=True
+        )
+        for j, b in enumerate(budgets):
+            taus_l = allocate(table, b)
+            pol = {
+                "rule": "tau",
+                "taus": {str(k): v for k, v in taus_l.items()},
+                "dense_positions": sink,
+            }
+            row = _row("per-layer-tau", pol, ev.measure(model, pol), dense.quality, ev.metric)
+            row["budget"] = b
+            rows.append(row)
+            progress("per-layer allocation", j + 1, len(budgets), budget=b)
+    pick = choose(rows, cfg)
+    return {
+        "split": "calib",
+        "tokens": ev.tokens,
+        "metric": ev.metric,
+        "dense_quality": dense.quality,
+        "rows": rows,
+        "choice": pick,
+        "config": asdict(cfg),
+    }

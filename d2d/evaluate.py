@@ -1,0 +1,159 @@
+"""Quality and FLOPs of a model under a routing policy, on one data split.
+
+Quality: perplexity for a causal LM, accuracy for a classifier, and for a bare encoder the
+cosine similarity of its mean-pooled output to the dense model's (1.0 = unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from d2d.data import encode_docs, lm_windows, load_corpus
+from d2d.errors import D2DError
+from d2d.flops import converted_ffn_flops, dense_flops
+from d2d.models import task_of
+from d2d.moe.routing import collecting, routing
+from d2d.progress import Progress, null_progress
+
+METRIC = {"causal-lm": "perplexity", "classification": "accuracy", "encoder": "cosine"}
+HIGHER_IS_BETTER = {"perplexity": False, "accuracy": True, "cosine": True}
+TOKENS_PER_BATCH = 2048
+
+
+def batches_for(
+    model, tokenizer, data: str, split: str, seq_len: int, tokens: int, seed: int = 0
+) -> list[dict]:
+    """Token batches (model kwargs) of about `tokens` tokens from a split of `data`."""
+    task = task_of(model)
+    corpus = load_corpus(data).split(split, seed)
+    n_seq = max(1, math.ceil(tokens / seq_len))
+    bs = max(1, TOKENS_PER_BATCH // seq_len)
+    if task == "causal-lm":
+        ids = lm_windows(tokenizer, corpus, seq_len, n_seq)
+        return [{"input_ids": ids[i : i + bs]} for i in range(0, len(ids), bs)]
+    if task == "classification" and corpus.labels is None:
+        raise D2DError(
+            f"data {data} has no labels, which a classification model needs: "
+            "use a folder of class sub-folders or a table with a 'label' column"
+        )
+    ids, mask, labels = encode_docs(tokenizer, corpus, seq_len, n_seq)
+    out = []
+    for i in range(0, len(ids), bs):
+        b = {"input_ids": ids[i : i + bs], "attention_mask": mask[i : i + bs]}
+        if labels is not None:
+            b["labels_"] = labels[i : i + bs]
+        out.append(b)
+    return out
+
+
+def quality_drop(metric: str, q: float, q_dense: float) -> float:
+    """Relative loss of quality (0 = as dense, 0.05 = 5% worse)."""
+    if HIGHER_IS_BETTER[metric]:
+        return (q_dense - q) / max(abs(q_dense), 1e-12)
+    return q / q_dense - 1.0
+
+
+@dataclass
+class Measurement:
+    quality: float
+    ffn_fraction: float
+    model_fraction: float
+    layer_fractions: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)
+    k_hist: dict = field(default_factory=dict)
+
+
+class Evaluator:
+    """Holds a split's batches; measures a model under any routing policy on them."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        data: str,
+        split: str,
+        seq_len: int,
+        tokens: int,
+        seed: int = 0,
+        bf16: bool = True,
+    ):
+        self.task = task_of(model)
+        self.metric = METRIC[self.task]
+        self.batches = batches_for(model, tokenizer, data, split, seq_len, tokens, seed)
+        self.seq_len = seq_len
+        self.bf16 = bf16
+        self.tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
+        self._reference: list[torch.Tensor] | None = None
+
+    def _forward(self, model, b):
+        kw = {k: v for k, v in b.items() if not k.endswith("_")}
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return model(**kw)
+
+    @staticmethod
+    def pooled(out, mask):
+        h = out.last_hidden_state.float()
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def reference(self, model) -> list[torch.Tensor]:
+        if self._reference is None:
+            with routing(model, {"rule": "all"}):
+                self._reference = [
+                    self.pooled(self._forward(model, b), b["attention_mask"]) for b in self.batches
+                ]
+        return self._reference
+
+    def measure(
+        self, model, policy: dict, progress: Progress = null_progress, label: str = "evaluating"
+    ) -> Measurement:
+        ref = self.reference(model) if self.task == "encoder" else None
+        nll, count, correct, cos = 0.0, 0, 0, 0.0
+        with routing(model, policy), collecting(model) as stats:
+            for j, b in enumerate(self.batches):
+                out = self._forward(model, b)
+                if self.task == "causal-lm":
+                    logits = out.logits[:, :-1].float()
+                    tgt = b["input_ids"][:, 1:]
+                    nll += float(
+                        F.cross_entropy(
+                            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"
+                        )
+                    )
+                    count += tgt.numel()
+                elif self.task == "classification":
+                    correct += int((out.logits.argmax(-1) == b["labels_"]).sum())
+                    count += len(b["labels_"])
+                else:
+                    p = self.pooled(out, b["attention_mask"])
+                    cos += float(F.cosine_similarity(p, ref[j], dim=-1).sum())
+                    count += p.shape[0]
+                progress(label, j + 1, len(self.batches))
+            flops = self._flops(model, stats)  # inside: router cost depends on the policy
+        if self.task == "causal-lm":
+            q = math.exp(nll / count)
+        elif self.task == "classification":
+            q = correct / count
+        else:
+            q = cos / count
+        flops.quality = q
+        return flops
+
+    def _flops(self, model, stats) -> Measurement:
+        from d2d.moe.convert import moe_layers
+
+        dense = dense_flops(model, self.seq_len, causal=self.task == "causal-lm")
+        ffn = converted_ffn_flops(model, stats)
+        moes = moe_layers(model)
+        return Measurement(
+            quality=float("nan"),
+            ffn_fraction=ffn / dense.ffn,
+            model_fraction=(dense.total - dense.ffn + ffn) / dense.total,
+            layer_fractions={str(i): s.fraction(moes[i].n_experts) for i, s in stats.items()},
+            usage={str(i): s.usage.tolist() for i, s in stats.items() if s.usage is not None},
+            k_hist={str(i): s.k_hist.tolist() for i, s in stats.items() if s.k_hist is not None},
+        )

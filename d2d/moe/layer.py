@@ -1,0 +1,180 @@
+"""The converted FFN: experts are equal-size groups of the FFN's neurons, plus a router.
+
+Weights keep nn.Linear layout with neurons permuted so that expert e owns rows
+[e*s, (e+1)*s) of `w_in` (and `w_gate`) and the same columns of `w_out`. Executing every expert
+is therefore the dense FFN with its neurons reordered: the same function.
+
+Which experts run is a routing policy (plain attributes, not weights) set by `set_routing`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    """Predicts the L2 norm of each expert's output from the FFN's input (2-layer MLP)."""
+
+    def __init__(self, d_model: int, n_experts: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, n_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # softplus keeps predictions non-negative without the dead zone of a ReLU output
+        return F.softplus(self.fc2(F.relu(self.fc1(x))))
+
+    def macs(self) -> int:
+        return self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * (
+            self.fc2.out_features
+        )
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward facts shared by all MoE layers of a model (set by a model pre-hook)."""
+
+    positions: torch.Tensor | None = None  # [B, T] position of each token in its sequence
+    token_mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
+
+
+@dataclass
+class LayerStats:
+    tokens: int = 0
+    executed: int = 0  # experts executed, summed over tokens
+    usage: torch.Tensor | None = None  # [E] how often each expert ran
+    k_hist: torch.Tensor | None = None  # [E+1] tokens that ran k experts
+    extra: dict = field(default_factory=dict)
+
+    def fraction(self, n_experts: int) -> float:
+        return self.executed / max(1, self.tokens * n_experts)
+
+
+class MoEFFN(nn.Module):
+    """A dense FFN split into `n_experts` experts of `expert_size` neurons each."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        expert_size: int,
+        act: nn.Module,
+        gated: bool,
+        bias_in: bool,
+        bias_out: bool,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
+        super().__init__()
+        f = n_experts * expert_size
+        kw = {"dtype": dtype, "device": device}
+        self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
+        self.act = act
+        self.w_in = nn.Parameter(torch.empty(f, d_model, **kw))
+        self.b_in = nn.Parameter(torch.empty(f, **kw)) if bias_in else None
+        self.w_gate = nn.Parameter(torch.empty(f, d_model, **kw)) if gated else None
+        self.b_gate = nn.Parameter(torch.empty(f, **kw)) if (gated and bias_in) else None
+        self.w_out = nn.Parameter(torch.empty(d_model, f, **kw))
+        self.b_out = nn.Parameter(torch.empty(d_model, **kw)) if bias_out else None
+        # original neuron index of each permuted neuron: maps experts back to the dense FFN
+        self.register_buffer("perm", torch.arange(f, device=device))
+        self.router: Router | None = None
+        # routing policy
+        self.rule = "all"  # all | tau | topk
+        self.scores = "router"  # router | oracle
+        self.tau = 0.0
+        self.k = n_experts
+        self.dense_positions = 0
+        self.context = RoutingContext()
+        self.stats: LayerStats | None = None  # collect when not None
+        self.capture = None  # callable(x, h) used by router training and calibration
+
+    @property
+    def gated(self) -> bool:
+        return self.w_gate is not None
+
+    def expert_macs(self) -> int:
+        """Multiply-accumulates of one expert for one token."""
+        return (3 if self.gated else 2) * self.d_model * self.expert_size
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Intermediate activations [N, E*s] of every expert."""
+        up = F.linear(x, self.w_in, self.b_in)
+        if self.gated:
+            return self.act(F.linear(x, self.w_gate, self.b_gate)) * up
+        return self.act(up)
+
+    def expert_norms(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """True L2 norm of each expert's output [N, E] (the quantity routers regress)."""
+        n, (E, s) = h.shape[0], (self.n_experts, self.expert_size)
+        w = self.w_out.view(self.d_model, E, s)
+        out = []
+        for i in range(0, n, chunk):
+            hc = h[i : i + chunk].view(-1, E, s)
+            out.append(torch.einsum("nes,des->ned", hc, w.to(hc.dtype)).norm(dim=-1))
+        return torch.cat(out) if out else h.new_zeros(0, E)
+
+    def select(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+        """Boolean [N, E] mask of experts to run, or None for all of them."""
+        if self.rule == "all" or (self.rule == "tau" and self.tau <= 0.0):
+            return None
+        if self.rule == "topk" and self.k >= self.n_experts:
+            return None
+        if self.scores == "oracle":
+            scores = self.expert_norms(h)
+        else:
+            if self.router is None:
+                raise RuntimeError("this MoE layer has no router: run train-routers first")
+            scores = self.router(x.to(self.router.fc1.weight.dtype))
+        if self.rule == "tau":
+            mask = scores >= self.tau * scores.amax(dim=-1, keepdim=True)
+        elif self.rule == "topk":
+            idx = scores.topk(max(1, self.k), dim=-1).indices
+            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+        else:
+            raise ValueError(f"unknown routing rule {self.rule!r}")
+        pos = self.context.positions
+        if self.dense_positions > 0 and pos is not None and pos.numel() == mask.shape[0]:
+            mask |= (pos.reshape(-1) < self.dense_positions)[:, None]
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        h = self.hidden(x2)
+        if self.capture is not None:
+            self.capture(x2, h)
+        mask = self.select(x2, h)
+        if mask is not None:
+            E, s = self.n_experts, self.expert_size
+            h = (h.view(-1, E, s) * mask.unsqueeze(-1).to(h.dtype)).view(-1, E * s)
+        if self.stats is not None:
+            self._record(mask, x2.shape[0])
+        y = F.linear(h, self.w_out, self.b_out)
+        return y.view(*shape[:-1], self.d_model)
+
+    def _record(self, mask: torch.Tensor | None, n: int) -> None:
+        st, E = self.stats, self.n_experts
+        if mask is None:
+            mask = torch.ones(n, E, dtype=torch.bool)
+        mask = mask.cpu()
+        tm = self.context.token_mask
+        if tm is not None and tm.numel() == n:
+            mask = mask[tm.reshape(-1).cpu().bool()]
+        if st.usage is None:
+            st.usage = torch.zeros(E, dtype=torch.long)
+            st.k_hist = torch.zeros(E + 1, dtype=torch.long)
+        st.tokens += mask.shape[0]
+        st.executed += int(mask.sum())
+        st.usage += mask.sum(0)
+        st.k_hist += torch.bincount(mask.sum(-1), minlength=E + 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_experts={self.n_experts}, expert_size={self.expert_size}, "
+            f"gated={self.gated}, rule={self.rule}, tau={self.tau}"
+        )

@@ -1,0 +1,192 @@
+"""`train-routers`: per layer, a small MLP regresses each expert's output L2 norm (D2DMoE).
+
+FFN inputs and the true expert output norms are captured once from the converted model
+(every expert executed, base weights frozen); each layer's router is then trained by MSE on
+that cache, and judged on held-out tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from d2d.errors import D2DError
+from d2d.moe.layer import MoEFFN, Router
+from d2d.progress import Progress, null_progress
+
+
+@dataclass
+class TrainRoutersConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
+    tokens: int = field(default=16384, metadata={"help": "Training tokens to capture."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
+    steps: int = field(default=500, metadata={"help": "Optimizer steps per layer."})
+    batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
+    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
+    hidden: int = field(default=128, metadata={"help": "Router hidden width."})
+    heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
+    skip_positions: int = field(
+        default=1,
+        metadata={
+            "help": "Leading positions left out of training: calibrate keeps "
+            "them dense (their norms are outliers that swamp the MSE)."
+        },
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the capture pass."})
+    seed: int = field(default=0, metadata={"help": "Seed for data split and init."})
+
+    def __post_init__(self):
+        if self.skip_positions < 0:
+            raise D2DError(f"skip-positions must be >= 0, got {self.skip_positions}")
+        for name in ("tokens", "seq_len", "steps", "batch_size", "hidden", "heldout_tokens"):
+            if getattr(self, name) < 1:
+                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise D2DError(f"lr must be > 0, got {self.lr}")
+
+
+def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:
+    for m in moes.values():
+        m.router = Router(m.d_model, m.n_experts, hidden).to(
+            device=m.w_in.device, dtype=torch.float32
+        )
+
+
+@torch.no_grad()
+def capture(
+    model,
+    moes: dict[int, MoEFFN],
+    batches,
+    bf16: bool,
+    progress: Progress,
+    task: str = "capturing FFN inputs",
+    skip_positions: int = 0,
+):
+    """Run the model with every expert; return {layer: (inputs [N, d], norms [N, E])}."""
+    from d2d.moe.routing import routing
+
+    store = {i: ([], []) for i in moes}
+
+    def make(i):
+        def cap(x, h):
+            keep = torch.ones(x.shape[0], dtype=torch.bool)
+            tm, pos = moes[i].context.token_mask, moes[i].context.positions
+            if tm is not None and tm.numel() == x.shape[0]:  # padding is not routed data
+                keep &= tm.reshape(-1).bool()
+            if skip_positions and pos is not None and pos.numel() == x.shape[0]:
+                keep &= pos.reshape(-1) >= skip_positions
+            x, h = x[keep], h[keep]
+            store[i][0].append(x.detach().to(torch.bfloat16))
+            store[i][1].append(moes[i].expert_norms(h.detach().float()))
+
+        return cap
+
+    for i, m in moes.items():
+        m.capture = make(i)
+    try:
+        with routing(model, {"rule": "all"}):
+            for j, b in enumerate(batches):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    model(**b)
+                progress(task, j + 1, len(batches))
+    finally:
+        for m in moes.values():
+            m.capture = None
+    return {i: (torch.cat(xs), torch.cat(ys)) for i, (xs, ys) in store.items()}
+
+
+def router_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict:
+    """R^2 over token-expert pairs, and the share of the true output norm that the router's
+    top-25% experts capture relative to the oracle's top-25%."""
+    sse = ((pred - true) ** 2).sum()
+    sst = ((true - true.mean(0, keepdim=True)) ** 2).sum().clamp_min(1e-12)
+    k = max(1, true.shape[1] // 4)
+    got = true.gather(1, pred.topk(k, dim=1).indices).sum()
+    best = true.topk(k, dim=1).values.sum().clamp_min(1e-12)
+    return {
+        "r2": float(1 - sse / sst),
+        "capture_25": float(got / best),
+        "mse": float(sse / true.numel()),
+    }
+
+
+def train_router(
+    router: Router,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainRoutersConfig,
+    progress: Progress,
+    task: str,
+) -> float:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():  # start at the mean norm of each expert
+        m = y.mean(0).clamp_min(1e-4)
+        router.fc2.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1, overflow-free
+    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
+    n = x.shape[0]
+    loss = torch.tensor(float("nan"))
+    for step in range(cfg.steps):
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        loss = F.mse_loss(router(x[idx].float()), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            progress(task, step + 1, cfg.steps, loss=float(loss.detach()))
+    return float(loss.detach())
+
+
+def train_routers(
+    model, tokenizer, cfg: TrainRoutersConfig, progress: Progress = null_progress
+) -> dict:
+    """Attach and train a router for every MoE layer of `model`. Returns metrics."""
+    from d2d.evaluate import batches_for
+    from d2d.moe.convert import moe_layers
+
+    moes = moe_layers(model)
+    if not moes:
+        raise D2DError("this model has no MoE layers: run d2d convert first")
+    torch.manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_b = batches_for(model, tokenizer, cfg.data, "train", cfg.seq_len, cfg.tokens, cfg.seed)
+    held_b = batches_for(
+        model, tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.heldout_tokens, cfg.seed
+    )
+    train = capture(
+        model, moes, train_b, cfg.bf16, progress, "capturing FFN inputs (train)", cfg.skip_positions
+    )
+    held = capture(
+        model,
+        moes,
+        held_b,
+        cfg.bf16,
+        progress,
+        "capturing FFN inputs (held-out)",
+        cfg.skip_positions,
+    )
+    attach_routers(moes, cfg.hidden)
+    per_layer = {}
+    for i, m in moes.items():
+        x, y = train.pop(i)
+        final = train_router(m.router, x, y, cfg, progress, f"training router {i}")
+        with torch.no_grad():
+            hx, hy = held[i]
+            met = router_metrics(m.router(hx.float()), hy)
+        per_layer[str(i)] = {"train_mse": final, **met}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    vals = list(per_layer.values())
+    return {
+        "train_tokens": int(sum(b["input_ids"].numel() for b in train_b)),
+        "heldout_tokens": int(sum(b["input_ids"].numel() for b in held_b)),
+        "mean_r2": sum(v["r2"] for v in vals) / len(vals),
+        "mean_capture_25": sum(v["capture_25"] for v in vals) / len(vals),
+        "per_layer": per_layer,
+    }

@@ -1,0 +1,85 @@
+"""Routing policies: which experts run. A policy is a small JSON-able dict.
+
+    {"rule": "tau", "scores": "router", "tau": 0.1, "dense_positions": 1}
+    {"rule": "tau", "taus": {"0": 0.02, "1": 0.1, ...}, ...}   per-layer thresholds
+    {"rule": "topk", "fraction": 0.5}                            static top-k
+    {"rule": "all"}                                              every expert (== dense)
+
+Dynamic-k (D2DMoE): a token runs expert i iff its predicted norm >= tau x the largest predicted
+norm for that token. tau = 0 runs every expert; tau = 1 runs only the top one. (The reference
+implementation writes the threshold as 1 - tau; d2d uses tau directly.)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import nn
+
+from d2d.errors import D2DError
+from d2d.moe.layer import LayerStats, MoEFFN
+
+RULES = ("all", "tau", "topk")
+
+
+def validate(policy: dict) -> dict:
+    rule = policy.get("rule", "tau")
+    if rule not in RULES:
+        raise D2DError(f"unknown routing rule {rule!r}: use one of {', '.join(RULES)}")
+    if policy.get("scores", "router") not in ("router", "oracle"):
+        raise D2DError("routing scores must be 'router' or 'oracle'")
+    taus = [policy.get("tau", 0.0)] + list((policy.get("taus") or {}).values())
+    for t in taus:
+        if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise D2DError(f"tau must be a number in [0, 1], got {t!r}")
+    frac = policy.get("fraction", 1.0)
+    if not 0.0 < frac <= 1.0:
+        raise D2DError(f"top-k fraction must be in (0, 1], got {frac}")
+    return policy
+
+
+def _moes(model: nn.Module) -> dict[int, MoEFFN]:
+    from d2d.moe.convert import moe_layers
+
+    return moe_layers(model)
+
+
+def apply_routing(model: nn.Module, policy: dict) -> None:
+    validate(policy)
+    moes = _moes(model)
+    taus = {int(k): v for k, v in (policy.get("taus") or {}).items()}
+    for i, m in moes.items():
+        m.rule = policy.get("rule", "tau")
+        m.scores = policy.get("scores", "router")
+        m.tau = float(taus.get(i, policy.get("tau", 0.0)))
+        m.k = max(1, round(policy.get("fraction", 1.0) * m.n_experts))
+        m.dense_positions = int(policy.get("dense_positions", 0))
+        if m.scores == "router" and m.rule != "all" and m.router is None:
+            raise D2DError("this artifact has no routers: run d2d train-routers first")
+
+
+@contextmanager
+def routing(model: nn.Module, policy: dict):
+    """Temporarily route with `policy`; restores the previous settings afterwards."""
+    moes = _moes(model)
+    saved = {i: (m.rule, m.scores, m.tau, m.k, m.dense_positions) for i, m in moes.items()}
+    try:
+        apply_routing(model, policy)
+        yield
+    finally:
+        for i, m in moes.items():
+            m.rule, m.scores, m.tau, m.k, m.dense_positions = saved[i]
+
+
+@contextmanager
+def collecting(model: nn.Module):
+    """Collect per-layer execution statistics during the block; yields {layer: LayerStats}."""
+    moes = _moes(model)
+    stats = {i: LayerStats() for i in moes}
+    for i, m in moes.items():
+        m.stats = stats[i]
+    try:
+        yield stats
+    finally:
+        for m in moes.values():
+            m.stats = None

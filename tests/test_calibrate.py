@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from d2d.calibrate import LAYER_GRID, CalibrateConfig, allocate, choose, parse_taus
+from d2d.errors import D2DError
+
+
+def test_parse_taus():
+    assert parse_taus("0.1,0,0.1,1") == [0.0, 0.1, 1.0]
+    for bad in ("1.5", "x", "", "-0.1"):
+        with pytest.raises(D2DError):
+            parse_taus(bad)
+
+
+def test_config_validation():
+    with pytest.raises(D2DError, match="not both"):
+        CalibrateConfig(target_flops=0.5, max_quality_drop=0.01)
+    with pytest.raises(D2DError, match="target-flops"):
+        CalibrateConfig(target_flops=1.5)
+
+
+def _table():
+    # layer 0 is cheap to sparsify, layer 1 expensive
+    fr = np.linspace(1.0, 0.1, len(LAYER_GRID))
+    return {
+        0: (fr, np.linspace(0, 1, len(LAYER_GRID)) ** 2),
+        1: (fr, 100 * np.linspace(0, 1, len(LAYER_GRID)) ** 2),
+    }
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.7, 0.5])
+def test_allocation_meets_budget_and_spends_where_cheap(budget):
+    t = _table()
+    taus = allocate(t, budget)
+    idx = {i: int(np.where(LAYER_GRID == taus[i])[0][0]) for i in taus}
+    assert np.mean([t[i][0][idx[i]] for i in t]) <= budget + 1e-9
+    assert taus[0] >= taus[1]
+
+
+def test_choose_by_target_and_by_drop():
+    rows = [
+        {"ffn_fraction": 1.0, "drop": 0.0},
+        {"ffn_fraction": 0.8, "drop": 0.01},
+        {"ffn_fraction": 0.6, "drop": 0.05},
+        {"ffn_fraction": 0.62, "drop": 0.03},
+    ]
+    assert choose(rows, CalibrateConfig(target_flops=0.62)) == 3
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.02)) == 1
+    assert choose(rows, CalibrateConfig()) == 1  # default: 2%
+    with pytest.raises(D2DError, match="reaches"):
+        choose(rows, CalibrateConfig(target_flops=0.3))

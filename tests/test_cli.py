@@ -1,0 +1,61 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from d2d_cli.main import app
+from typer.testing import CliRunner
+
+from d2d.stages import STAGES
+
+runner = CliRunner()
+
+
+def test_every_config_field_is_a_cli_option():
+    for name, spec in STAGES.items():
+        res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        for f in dataclasses.fields(spec.config_cls):
+            assert "--" + f.name.replace("_", "-") in res.output, (name, f.name)
+
+
+def test_convert_through_the_cli(model_dirs, tmp_path):
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["convert", model_dirs["gpt2"], "--out", str(out), "--n-experts", "8"])
+    assert res.exit_code == 0, res.output
+    assert "8 experts" in res.output and (out / "d2d.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["convert", "/no/such/model", "--out", "X"], "does not exist"),
+        (["convert", "MODEL", "--out", "X", "--n-experts", "7"], "do not divide"),
+        (["eval", "MODEL", "--tau", "1.5"], "tau must be in [0, 1]"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, match, model_dirs, tmp_path):
+    args = [a.replace("MODEL", model_dirs["gated"]).replace("X", str(tmp_path / "o")) for a in args]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert match in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "d2d_cli",
+            "convert",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+from tiny import outputs, tiny
+
+from d2d.errors import D2DError
+from d2d.moe.cluster import balanced_kmeans
+from d2d.moe.convert import ConvertConfig, convert, moe_layers, parse_layers
+from d2d.moe.routing import routing
+
+FAMILIES = ["gated", "gpt2", "bert", "bert-cls"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_equals_dense(family):
+    model = tiny(family)
+    ids = torch.randint(1, 96, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    ref = outputs(model, ids, attention_mask=mask)
+    info = convert(model, ConvertConfig(n_experts=8))
+    assert info["n_experts"] == 8 and len(moe_layers(model)) == 2
+    torch.testing.assert_close(outputs(model, ids, attention_mask=mask), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_experts_change_the_function_when_skipped(family):
+    # a check that can fail: running half the experts must differ from dense
+    model = tiny(family)
+    ids = torch.randint(1, 96, (2, 10))
+    ref = outputs(model, ids)
+    convert(model, ConvertConfig(n_experts=8))
+    with routing(model, {"rule": "topk", "fraction": 0.5, "scores": "oracle"}):
+        out = outputs(model, ids)
+    assert not torch.allclose(out, ref, atol=1e-4)
+
+
+def test_layer_subset_and_expert_size():
+    model = tiny("gated")
+    info = convert(model, ConvertConfig(expert_size=16, layers="1"))
+    assert info == {"layers": [1], "n_experts": 4, "expert_size": 16}
+    assert list(moe_layers(model)) == [1]
+
+
+def test_bad_expert_count_is_a_clear_error():
+    with pytest.raises(D2DError, match="do not divide the FFN width 64"):
+        convert(tiny("gated"), ConvertConfig(n_experts=7))
+    with pytest.raises(D2DError, match="does not divide"):
+        convert(tiny("gated"), ConvertConfig(expert_size=5))
+
+
+def test_refuses_to_convert_twice():
+    model = tiny("gated")
+    convert(model, ConvertConfig(n_experts=4))
+    with pytest.raises(D2DError, match="already converted"):
+        convert(model, ConvertConfig(n_experts=4))
+
+
+def test_parse_layers():
+    assert parse_layers("all", 3) == [0, 1, 2]
+    assert parse_layers("0-2,5", 6) == [0, 1, 2, 5]
+    with pytest.raises(D2DError, match="does not exist"):
+        parse_layers("7", 4)
+    with pytest.raises(D2DError, match="bad layer list"):
+        parse_layers("a-b", 4)
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import T5Config, T5Model
+
+    from d2d import arch
+
+    m = T5Model(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    with pytest.raises(D2DError, match="unsupported architecture 't5'.*gated"):
+        arch.detect(m)
+
+
+def test_balanced_kmeans_equal_sizes_and_groups_similar_points():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 10
+    pts = np.concatenate([c + rng.normal(size=(16, 8)) for c in centers])
+    labels = balanced_kmeans(pts, 4, seed=0)
+    assert np.bincount(labels).tolist() == [16, 16, 16, 16]
+    # each true group lands in one cluster
+    for g in range(4):
+        assert len(set(labels[g * 16 : (g + 1) * 16])) == 1
+
+
+def test_balanced_kmeans_greedy_path_is_balanced():
+    pts = np.random.default_rng(1).normal(size=(120, 5))
+    labels = balanced_kmeans(pts, 6, exact_limit=10)
+    assert np.bincount(labels).tolist() == [20] * 6

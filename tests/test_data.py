@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from d2d.data import SPLITS, lm_windows, load_corpus
+from d2d.errors import D2DError
+
+
+def test_folder_of_class_folders_gives_labels(text_dir):
+    c = load_corpus(text_dir)
+    assert len(c.texts) == 60 and c.label_names == ["money", "sport"]
+    assert sorted(set(c.labels)) == [0, 1]
+
+
+def test_splits_are_disjoint_reproducible_and_cover_everything(text_dir):
+    c = load_corpus(text_dir)
+    parts = {s: c.split(s, seed=3).texts for s in SPLITS}
+    assert sum(len(p) for p in parts.values()) == len(c.texts)
+    assert not (set(parts["train"]) & set(parts["heldout"]))
+    assert not (set(parts["calib"]) & set(parts["heldout"]))
+    assert c.split("heldout", seed=3).texts == parts["heldout"]
+    assert c.split("heldout", seed=4).texts != parts["heldout"]
+
+
+def test_bundled_bbc_news_drops_exact_duplicates():
+    c = load_corpus("bbc-news")
+    assert len(c.texts) == 2225 - 98 and len(c.label_names) == 5
+
+
+def test_jsonl_and_csv_tables(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(
+        "\n".join(json.dumps({"text": f"doc {i} " * 5, "label": i % 2}) for i in range(10))
+    )
+    c = load_corpus(str(p))
+    assert len(c.texts) == 10 and c.label_names == ["0", "1"]
+    q = tmp_path / "d.csv"
+    q.write_text("content,other\nhello world,1\nsecond doc,2\n")
+    assert load_corpus(str(q)).texts == ["hello world", "second doc"]
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("d.jsonl", '{"text": "  "}\n{"text": ""}\n', "empty"),
+        ("d.csv", "title,other\na,b\n", "no text column"),
+        ("d.csv", "text\n", "could not read"),
+    ],
+)
+def test_bad_tables_get_clear_errors(tmp_path, name, content, match):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(D2DError, match=match):
+        load_corpus(str(p))
+
+
+def test_missing_data_path():
+    with pytest.raises(D2DError, match="does not exist"):
+        load_corpus("/no/such/data")
+
+
+def test_too_short_for_one_window(tmp_path, tokenizer):
+    p = tmp_path / "a.txt"
+    p.write_text("just a few words")
+    with pytest.raises(D2DError, match="too short"):
+        lm_windows(tokenizer, load_corpus(str(p)), 512, None)
+
+
+def test_windows_shape(text_dir, tokenizer):
+    w = lm_windows(tokenizer, load_corpus(text_dir), 32, 5)
+    assert tuple(w.shape) == (5, 32)

@@ -1,0 +1,43 @@
+"""Real bundled checkpoints (slow tier): conversion is exact on SmolLM2 and MiniLM."""
+
+import pytest
+import torch
+
+from d2d.moe.convert import ConvertConfig, convert, moe_layers
+from d2d.moe.routers import attach_routers
+from d2d.moe.routing import routing
+from d2d.stages import open_input
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return open_input("smollm2-135m")
+
+
+def test_smollm2_converted_logits_equal_dense(smollm):
+    model, tok = smollm.model, smollm.tokenizer
+    ids = tok("The BBC reported that the economy grew faster than expected this quarter.",
+              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        prompt_ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    convert(model, ConvertConfig(expert_size=16, layers="0-29"))
+    assert len(moe_layers(model)) == 30
+    attach_routers(moe_layers(model), 32)
+    with torch.no_grad(), routing(model, {"rule": "tau", "tau": 0.0}):
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, prompt_ref)
+
+
+def test_minilm_converted_output_equals_dense():
+    art = open_input("minilm-l6")
+    enc = art.tokenizer(["a sentence to embed", "another, longer sentence to embed here"],
+                        padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = art.model(**enc).last_hidden_state
+    convert(art.model, ConvertConfig(n_experts=48))
+    with torch.no_grad():
+        torch.testing.assert_close(art.model(**enc).last_hidden_state, ref)

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d2d.errors import D2DError
+from d2d.recipe import parse_recipe, run_recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    r = parse_recipe(path.read_text())
+    assert r["stages"][0][0] == "convert"
+
+
+def test_overrides_and_data_default():
+    text = "model: m\nout: o\ndata: d\nstages:\n  - convert: {}\n  - train-routers: {steps: 5}\n"
+    r = parse_recipe(text, ["train-routers.steps=7", "out=elsewhere"])
+    assert r["stages"][1][1] == {"steps": 7, "data": "d"} and r["out"] == "elsewhere"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("model: m\nout: o\n", "stages"),
+    ("model: m\nout: o\nstages: [bogus]\n", "unknown stage 'bogus'"),
+    ("model: m\nout: o\nstages: [{convert: {wrong: 1}}]\n", "no option 'wrong'"),
+    ("model: m\nout: o\nstages: [{eval: {tau: 3}}]\n", "tau must be"),
+    ("model: [m\n", "not valid YAML"),
+    ("stages: [convert]\n", "'model'"),
+])
+def test_bad_recipes(text, match):
+    with pytest.raises(D2DError, match=match):
+        parse_recipe(text)
+
+
+def test_recipe_runs_resumes_and_records(model_dirs, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": model_dirs["gated"], "data": "bbc-news", "out": str(tmp_path / "run"),
+        "stages": [{"convert": {"n_experts": 8}},
+                   {"train-routers": {"tokens": 512, "seq_len": 64, "steps": 10,
+                                      "heldout_tokens": 128, "hidden": 8}},
+                   {"calibrate": {"taus": "0,0.5", "tokens": 256, "seq_len": 64,
+                                  "per_layer": False}},
+                   {"eval": {"tokens": 256, "seq_len": 64}}]}))
+    recs = run_recipe(recipe)
+    assert [r["stage"] for r in recs] == ["convert", "train-routers", "calibrate", "eval"]
+    assert (tmp_path / "run" / "3-eval.json").exists()
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+    again = run_recipe(recipe)
+    assert [r.get("skipped", False) for r in again[:3]] == [True, True, True]
+    with pytest.raises(D2DError, match="--force"):
+        run_recipe(recipe, ["train-routers.steps=11"])

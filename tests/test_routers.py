@@ -1,0 +1,32 @@
+import torch
+
+from d2d.moe.layer import Router
+from d2d.moe.routers import TrainRoutersConfig, router_metrics, train_router
+
+
+def test_router_training_reduces_loss_and_learns_norms():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16)
+    w = torch.randn(16, 6)
+    y = (x @ w).abs()  # a learnable non-negative target
+    router = Router(16, 6, hidden=32)
+    before = float(((router(x) - y) ** 2).mean())
+    cfg = TrainRoutersConfig(steps=400, batch_size=256, lr=3e-3)
+    train_router(router, x, y, cfg, lambda *a, **k: None, "t")
+    with torch.no_grad():
+        after = float(((router(x) - y) ** 2).mean())
+        met = router_metrics(router(x), y)
+    assert after < 0.2 * before
+    assert met["r2"] > 0.7 and met["capture_25"] > 0.8
+
+
+def test_router_metrics_perfect_and_useless():
+    y = torch.rand(100, 8)
+    assert router_metrics(y, y)["r2"] == 1.0 and router_metrics(y, y)["capture_25"] == 1.0
+    bad = router_metrics(-y, y)
+    assert bad["r2"] < 0 and bad["capture_25"] < 1.0
+
+
+def test_router_output_is_non_negative():
+    r = Router(8, 4, 8)
+    assert (r(torch.randn(50, 8) * 100) >= 0).all()

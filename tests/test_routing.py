@@ -1,0 +1,107 @@
+import pytest
+import torch
+from tiny import outputs, tiny
+
+from d2d.errors import D2DError
+from d2d.moe.convert import ConvertConfig, convert, moe_layers
+from d2d.moe.routers import attach_routers
+from d2d.moe.routing import collecting, routing, validate
+
+
+def converted(family="gated", n_experts=8):
+    m = tiny(family)
+    convert(m, ConvertConfig(n_experts=n_experts))
+    attach_routers(moe_layers(m), hidden=16)
+    return m
+
+
+def fraction(model, ids, policy):
+    with routing(model, policy), collecting(model) as stats, torch.no_grad():
+        model(input_ids=ids)
+    return sum(s.executed for s in stats.values()) / sum(s.tokens * 8 for s in stats.values())
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2", "bert"])
+def test_tau_zero_equals_dense(family):
+    dense = tiny(family)
+    ids = torch.randint(1, 96, (2, 16))
+    ref = outputs(dense, ids)
+    m = converted(family)
+    with routing(m, {"rule": "tau", "tau": 0.0}):
+        torch.testing.assert_close(outputs(m, ids), ref)
+
+
+@pytest.mark.parametrize("scores", ["router", "oracle"])
+def test_flops_fraction_monotonic_in_tau(scores):
+    m = converted()
+    ids = torch.randint(1, 96, (4, 32))
+    fr = [
+        fraction(m, ids, {"rule": "tau", "tau": t, "scores": scores})
+        for t in (0.0, 0.05, 0.2, 0.5, 0.9, 1.0)
+    ]
+    assert fr[0] == 1.0
+    assert all(a >= b for a, b in zip(fr, fr[1:], strict=False))
+    assert fr[-1] < 0.5
+    assert fr[-1] >= 1 / 8  # tau = 1 still runs the top expert of each token
+
+
+def test_topk_runs_exactly_k_experts():
+    m = converted()
+    ids = torch.randint(1, 96, (2, 8))
+    with routing(m, {"rule": "topk", "fraction": 0.25}), collecting(m) as stats:
+        with torch.no_grad():
+            m(input_ids=ids)
+    for s in stats.values():
+        assert s.k_hist[2] == s.tokens  # 25% of 8 experts = 2 for every token
+
+
+def test_dense_positions_run_every_expert_at_the_sink():
+    m = converted()
+    ids = torch.randint(1, 96, (2, 8))
+    with (
+        routing(m, {"rule": "topk", "fraction": 0.125, "dense_positions": 1}),
+        collecting(m) as stats,
+        torch.no_grad(),
+    ):
+        m(input_ids=ids)
+    for s in stats.values():
+        assert s.k_hist[8] == 2 and s.k_hist[1] == 14  # position 0 of both sequences
+
+
+def test_routing_context_restores_previous_policy():
+    m = converted()
+    with routing(m, {"rule": "tau", "tau": 0.3}):
+        assert all(x.tau == 0.3 for x in moe_layers(m).values())
+    assert all(x.rule == "all" for x in moe_layers(m).values())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rule": "tau", "tau": 1.5},
+        {"rule": "tau", "tau": -0.1},
+        {"rule": "nope"},
+        {"rule": "tau", "taus": {"0": 2.0}},
+    ],
+)
+def test_invalid_policies_are_refused(bad):
+    with pytest.raises(D2DError):
+        validate(bad)
+
+
+def test_router_rule_without_routers_is_refused():
+    m = tiny("gated")
+    convert(m, ConvertConfig(n_experts=8))
+    with pytest.raises(D2DError, match="train-routers"):
+        with routing(m, {"rule": "tau", "tau": 0.1}):
+            pass
+
+
+def test_padding_is_not_counted():
+    m = converted("bert")
+    ids = torch.randint(1, 96, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with routing(m, {"rule": "all"}), collecting(m) as stats, torch.no_grad():
+        m(input_ids=ids, attention_mask=mask)
+    assert all(s.tokens == 15 for s in stats.values())

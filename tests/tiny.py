@@ -1,0 +1,66 @@
+"""Tiny random models of each supported family, for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 96
+
+
+def tiny(family: str, seed: int = 0, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    if family == "gated":
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        )
+        return LlamaForCausalLM(cfg).eval()
+    if family == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0
+        )
+        return GPT2LMHeadModel(cfg).eval()
+    if family == "bert":
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+        return BertModel(cfg).eval()
+    if family == "bert-cls":
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            num_labels=3,
+        )
+        return BertForSequenceClassification(cfg).eval()
+    raise ValueError(family)
+
+
+def outputs(model, ids, **kw):
+    with torch.no_grad():
+        out = model(input_ids=ids, **kw)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
