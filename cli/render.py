@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -98,6 +101,11 @@ def print_record(stage: str, rec: dict, out) -> None:
         t.add_row("mean", "", f"{m['mean_r2']:.3f}", _pct(m["mean_capture_25"]), style="bold")
         console.print(t)
     elif stage == "calibrate":
+        meta = Path(out) / "d2d.json" if out else None
+        if meta is not None and meta.is_file():
+            cal = json.loads(meta.read_text()).get("calibration")
+            if cal:
+                console.print(calibration_table(cal, f"calibration ({cal['tokens']} tokens)"))
         console.print(
             f"[bold]calibrate[/]: chose {m['rule']} at {_pct(m['ffn_fraction'])} of FFN "
             f"FLOPs, {m['metric']} {m['quality']:.4g} (dense {m['dense_quality']:.4g}, "

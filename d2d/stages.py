@@ -7,7 +7,9 @@ recording the lineage (resolved config, times, metrics, peak memory) and the ato
 
 from __future__ import annotations
 
+import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -179,8 +181,37 @@ def open_input(spec: str, trust_remote_code: bool = False) -> Artifact:
     return Artifact(loaded.model, loaded.tokenizer, new_meta(loaded.source, loaded.model), None)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+class PeakMemory:
+    """Peak resident memory during a block, sampled from /proc (the process-wide maximum of
+    getrusage would include earlier stages of the same recipe run)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self):
+        self.peak_mb = self._rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
+        return False
 
 
 def run_stage(
@@ -201,7 +232,8 @@ def run_stage(
     art.require(*spec.requires, for_stage=stage)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    metrics, structure = spec.run(art, cfg, progress)
+    with PeakMemory() as mem:
+        metrics, structure = spec.run(art, cfg, progress)
     record = {
         "stage": stage,
         "config": asdict(cfg),
@@ -209,7 +241,7 @@ def run_stage(
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(mem.peak_mb, 1),
         "metrics": metrics,
     }
     if structure:

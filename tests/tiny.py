@@ -36,17 +36,7 @@ def tiny(family: str, seed: int = 0, vocab: int = VOCAB):
             vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0
         )
         return GPT2LMHeadModel(cfg).eval()
-    if family == "bert":
-        cfg = BertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-        )
-        return BertModel(cfg).eval()
-    if family == "bert-cls":
+    if family in ("bert", "bert-cls"):
         cfg = BertConfig(
             vocab_size=vocab,
             hidden_size=32,
@@ -56,7 +46,7 @@ def tiny(family: str, seed: int = 0, vocab: int = VOCAB):
             max_position_embeddings=128,
             num_labels=3,
         )
-        return BertForSequenceClassification(cfg).eval()
+        return (BertModel if family == "bert" else BertForSequenceClassification)(cfg).eval()
     raise ValueError(family)
 
 

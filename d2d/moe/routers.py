@@ -21,9 +21,9 @@ from d2d.progress import Progress, null_progress
 @dataclass
 class TrainRoutersConfig:
     data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
-    tokens: int = field(default=16384, metadata={"help": "Training tokens to capture."})
+    tokens: int = field(default=32768, metadata={"help": "Training tokens to capture."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
-    steps: int = field(default=500, metadata={"help": "Optimizer steps per layer."})
+    steps: int = field(default=1500, metadata={"help": "Optimizer steps per layer."})
     batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
     hidden: int = field(default=128, metadata={"help": "Router hidden width."})

@@ -1,0 +1,113 @@
+"""Selection rules side by side on held-out data: FFN FLOPs fraction -> quality.
+
+    python scripts/compare_rules.py ARTIFACT [--tokens 12288] [--json FILE]
+
+ARTIFACT must have routers (after train-routers or calibrate). Rules compared:
+learned routers with a global tau and with per-layer taus, an oracle that selects experts by
+their true output norm (the ceiling routers chase) with the same two rules, and static top-k
+(a fixed number of experts per token) by router scores and by oracle scores. All points use
+the same held-out windows; the dense model is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from d2d.artifact import load_artifact, write_json_atomic
+from d2d.calibrate import allocate, layer_sensitivity
+from d2d.evaluate import Evaluator, quality_drop
+from d2d.moe.routing import routing
+
+TAUS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2]
+BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
+TOPK = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--data", default="bbc-news")
+    ap.add_argument("--tokens", type=int, default=12288)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--dense-sink", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    art = load_artifact(a.artifact)
+    model, tok = art.model, art.tokenizer
+    t0 = time.time()
+    # per-layer sensitivity from the calibration split, measured on held-out data
+    cal = Evaluator(model, tok, a.data, "calib", a.seq_len, 2048)
+    ev = Evaluator(model, tok, a.data, "heldout", a.seq_len, a.tokens)
+    dense = ev.measure(model, {"rule": "all"})
+    rows = []
+
+    def add(name, policy, extra=None):
+        m = ev.measure(model, policy)
+        row = {"rule": name, "policy": policy, "ffn_fraction": m.ffn_fraction,
+               "model_fraction": m.model_fraction, "quality": m.quality,
+               "drop": quality_drop(ev.metric, m.quality, dense.quality), **(extra or {})}
+        rows.append(row)
+        print(f"{name:22s} {json.dumps(extra or {}):18s} FFN {100 * m.ffn_fraction:5.1f}%  "
+              f"{ev.metric} {m.quality:8.3f}  {100 * row['drop']:+7.2f}%", flush=True)
+
+    sink = a.dense_sink
+    for scores in ("router", "oracle"):
+        for t in TAUS:
+            add(f"{scores} global tau", {"rule": "tau", "tau": t, "scores": scores,
+                                         "dense_positions": sink}, {"tau": t})
+        with routing(model, {"rule": "tau", "tau": 0.0, "scores": scores}):
+            table = layer_sensitivity(model, cal, sink, 2048)
+        for b in BUDGETS:
+            taus = {str(k): v for k, v in allocate(table, b).items()}
+            add(f"{scores} per-layer tau", {"rule": "tau", "taus": taus, "scores": scores,
+                                            "dense_positions": sink}, {"budget": b})
+        for f in TOPK:
+            add(f"{scores} top-k", {"rule": "topk", "fraction": f, "scores": scores,
+                                    "dense_positions": sink}, {"fraction": f})
+    out = {"artifact": a.artifact, "data": a.data, "split": "heldout", "tokens": ev.tokens,
+           "seq_len": a.seq_len, "dense_sink": sink, "metric": ev.metric,
+           "dense_quality": dense.quality, "rows": rows, "seconds": time.time() - t0,
+           "savings_ratio": savings_ratio(rows)}
+    print(json.dumps(out["savings_ratio"], indent=1))
+    if a.json:
+        write_json_atomic(a.json, out)
+
+
+def frontier(rows, rule_prefix):
+    """Best (lowest) FFN fraction reached at each quality drop, over the rules with a prefix."""
+    pts = sorted((r["drop"], r["ffn_fraction"]) for r in rows if r["rule"].startswith(rule_prefix))
+    return pts
+
+
+def fraction_at(pts, drop):
+    """Smallest FFN fraction whose drop <= `drop` (linear interpolation between points)."""
+    ok = [f for d, f in pts if d <= drop]
+    best = min(ok) if ok else 1.0
+    # interpolate between the last point under and the first point over the limit
+    under = [(d, f) for d, f in pts if d <= drop]
+    over = [(d, f) for d, f in pts if d > drop]
+    if under and over:
+        d0, f0 = max(under)
+        d1, f1 = min(over)
+        if d1 > d0 and f1 < f0:
+            best = min(best, float(np.interp(drop, [d0, d1], [f0, f1])))
+    return best
+
+
+def savings_ratio(rows):
+    """Router savings / oracle savings at equal quality drop, for a few drops."""
+    out = {}
+    for drop in (0.01, 0.02, 0.05, 0.1):
+        r = 1 - fraction_at(frontier(rows, "router"), drop)
+        o = 1 - fraction_at(frontier(rows, "oracle"), drop)
+        out[f"{drop:.0%}"] = {"router_savings": r, "oracle_savings": o,
+                              "ratio": r / o if o > 0 else None}
+    return out
+
+
+if __name__ == "__main__":
+    main()
