@@ -69,6 +69,14 @@ def parse_taus(spec: str) -> list[float]:
     return taus
 
 
+def parse_rules(spec: str) -> list[str]:
+    rules = [r.strip() for r in str(spec).split(",") if r.strip()]
+    bad = [r for r in rules if r not in LAYER_RULES]
+    if bad or not rules:
+        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(LAYER_RULES)}")
+    return rules
+
+
 @dataclass
 class CalibrateConfig:
     data: str = field(default="bbc-news", metadata={"help": "Calibration text (files or alias)."})
@@ -83,7 +91,16 @@ class CalibrateConfig:
             "Default when no target is given: 0.02."
         },
     )
-    per_layer: bool = field(default=True, metadata={"help": "Also calibrate per-layer taus."})
+    per_layer: bool = field(
+        default=True, metadata={"help": "Also calibrate per-layer rules (allocated budgets)."}
+    )
+    layer_rules: str = field(
+        default="tau,threshold,topk",
+        metadata={
+            "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
+            "norm), topk (fixed k per layer)."
+        },
+    )
     dense_sink: int = field(
         default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
     )
@@ -97,6 +114,7 @@ class CalibrateConfig:
 
     def __post_init__(self):
         parse_taus(self.taus)
+        parse_rules(self.layer_rules)
         if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
             raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
         if self.max_quality_drop is not None and self.max_quality_drop < 0:
@@ -119,8 +137,118 @@ def _row(rule: str, policy: dict, m: Measurement, dense_q: float, metric: str) -
     }
 
 
-def layer_sensitivity(model, ev: Evaluator, dense_sink: int, tokens: int, seed: int = 0):
-    """Per layer and grid tau: (fraction of experts run, estimated cost)."""
+LAYER_RULES = ("tau", "threshold", "topk")
+FRACTION_GRID = np.array(
+    [
+        1.0,
+        0.97,
+        0.94,
+        0.9,
+        0.85,
+        0.8,
+        0.75,
+        0.7,
+        0.65,
+        0.6,
+        0.55,
+        0.5,
+        0.45,
+        0.4,
+        0.35,
+        0.3,
+        0.25,
+        0.2,
+        0.15,
+        0.1,
+    ]
+)
+QUANTILE_GRID = np.array(
+    [
+        0.0,
+        0.01,
+        0.02,
+        0.04,
+        0.06,
+        0.08,
+        0.1,
+        0.13,
+        0.16,
+        0.2,
+        0.25,
+        0.3,
+        0.35,
+        0.4,
+        0.45,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+    ]
+)
+
+
+class Sensitivity:
+    """FFN inputs and output gradients captured once; per-layer cost tables for any rule."""
+
+    def __init__(self, moes, caps, grads, dense_sink: int):
+        self.moes, self.caps, self.grads, self.sink = moes, caps, grads, dense_sink
+
+    def _grid(self, rule: str, scores: torch.Tensor, real: torch.Tensor | None) -> list[float]:
+        if rule == "tau":
+            return [float(t) for t in LAYER_GRID]
+        if rule == "topk":
+            return [float(f) for f in FRACTION_GRID]
+        vals = scores[real] if real is not None else scores
+        vals = vals.flatten().float()
+        if vals.numel() > 2**20:
+            vals = vals[torch.randperm(vals.numel())[: 2**20]]
+        qs = torch.tensor(QUANTILE_GRID[1:], dtype=vals.dtype)
+        return [0.0] + [float(v) for v in torch.quantile(vals, qs)]
+
+    @torch.no_grad()
+    def table(self, rule: str) -> dict[int, tuple[np.ndarray, np.ndarray, list[float]]]:
+        """Per layer: (fraction of experts run, estimated cost, rule parameter) over a grid."""
+        from d2d.moe.layer import rule_mask
+
+        out = {}
+        for i, m in self.moes.items():
+            x, pos, tm = self.caps[i]
+            g = self.grads[i]
+            h = m.hidden(x)
+            use_router = m.scores == "router" and m.router is not None
+            scores = m.router(x) if use_router else m.expert_norms(h)
+            E, s = m.n_experts, m.expert_size
+            keep_all = (pos < self.sink) if (pos is not None and self.sink > 0) else None
+            params = self._grid(rule, scores, tm)
+            fr, cost = [], []
+            for p in params:
+                if rule == "topk":
+                    mask = rule_mask("topk", scores, k=max(1, round(p * E)))
+                else:
+                    mask = rule_mask(rule, scores, tau=p, threshold=p)
+                if keep_all is not None:
+                    mask |= keep_all[:, None]
+                dropped = (h.view(-1, E, s) * (~mask).unsqueeze(-1)).view(-1, E * s)
+                c = ((g * F.linear(dropped, m.w_out.float())).sum(-1)) ** 2
+                if tm is not None:
+                    c, mask = c[tm], mask[tm]
+                fr.append(float(mask.float().mean()))
+                cost.append(float(c.sum()))
+            order = np.argsort(-np.array(fr), kind="stable")  # dense first
+            fr_a = np.array(fr)[order]
+            out[i] = (
+                fr_a,
+                np.maximum.accumulate(np.array(cost)[order]),
+                [params[j] for j in order],
+            )
+        return out
+
+
+def layer_sensitivity(
+    model, ev: Evaluator, dense_sink: int, tokens: int, seed: int = 0
+) -> Sensitivity:
+    """One forward/backward pass capturing each MoE layer's input and output gradient."""
     moes = moe_layers(model)
     gen = torch.Generator().manual_seed(seed)
     caps: dict[int, list] = {i: [] for i in moes}
@@ -158,8 +286,8 @@ def layer_sensitivity(model, ev: Evaluator, dense_sink: int, tokens: int, seed: 
                     loss = _fisher_loss(ev.task, out, kw, gen)
                     ys = [outs[i][-1] for i in moes]
                     gs = torch.autograd.grad(loss, ys, allow_unused=True)
-                for i, g in zip(moes, gs, strict=True):
-                    grads[i].append(torch.zeros_like(ys[0]) if g is None else g.detach())
+                for i, y, g in zip(moes, ys, gs, strict=True):
+                    grads[i].append(torch.zeros_like(y) if g is None else g.detach())
                 for i in moes:
                     outs[i].clear()
     finally:
@@ -167,33 +295,20 @@ def layer_sensitivity(model, ev: Evaluator, dense_sink: int, tokens: int, seed: 
             m.capture = None
         for h in hooks:
             h.remove()
-    table = {}
-    with torch.no_grad():
-        for i, m in moes.items():
-            x = torch.cat([c[0] for c in caps[i]])
-            pos = torch.cat([c[1] for c in caps[i]]) if caps[i][0][1] is not None else None
-            tm = torch.cat([c[2] for c in caps[i]]) if caps[i][0][2] is not None else None
-            g = torch.cat([t.reshape(-1, m.d_model) for t in grads[i]]).float()
-            h = m.hidden(x)
-            scores = (
-                m.router(x) if m.scores == "router" and m.router is not None else m.expert_norms(h)
-            )
-            E, s = m.n_experts, m.expert_size
-            keep_all = (pos < dense_sink) if (pos is not None and dense_sink > 0) else None
-            fr, cost = [], []
-            for tau in LAYER_GRID:
-                mask = scores >= tau * scores.amax(-1, keepdim=True)
-                if keep_all is not None:
-                    mask |= keep_all[:, None]
-                dropped = (h.view(-1, E, s) * (~mask).unsqueeze(-1)).view(-1, E * s)
-                dy = F.linear(dropped, m.w_out.float())
-                c = (g * dy).sum(-1) ** 2
-                if tm is not None:
-                    c, mask = c[tm], mask[tm]
-                fr.append(float(mask.float().mean()))
-                cost.append(float(c.sum()))
-            table[i] = (np.array(fr), np.maximum.accumulate(np.array(cost)))
-    return table
+
+    def cat(parts):
+        return torch.cat(parts) if parts and parts[0] is not None else None
+
+    merged = {
+        i: (
+            torch.cat([c[0] for c in caps[i]]),
+            cat([c[1] for c in caps[i]]),
+            cat([c[2] for c in caps[i]]),
+        )
+        for i in moes
+    }
+    g = {i: torch.cat([t.reshape(-1, moes[i].d_model) for t in grads[i]]).float() for i in moes}
+    return Sensitivity(moes, merged, g, dense_sink)
 
 
 def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
@@ -208,7 +323,11 @@ def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
 
 
 def allocate(table: dict, budget: float) -> dict[int, float]:
-    """Per-layer taus minimising the summed cost with mean expert fraction <= budget."""
+    """Per-layer rule parameters minimising the summed cost with mean fraction <= budget.
+
+    Lagrangian relaxation: for a price lam on compute each layer independently picks the grid
+    point minimising cost + lam * fraction; lam is bisected until the budget is met.
+    """
     layers = list(table)
 
     def pick(lam):
@@ -228,7 +347,17 @@ def allocate(table: dict, budget: float) -> dict[int, float]:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if frac(pick(mid)) > budget else (lo, mid)
         choice = pick(hi)
-    return {i: float(LAYER_GRID[choice[i]]) for i in layers}
+    return {i: float(table[i][2][choice[i]]) for i in layers}
+
+
+def layer_policy(rule: str, params: dict[int, float], dense_sink: int, **extra) -> dict:
+    key = {"tau": "taus", "topk": "fractions", "threshold": "thresholds"}[rule]
+    return {
+        "rule": rule,
+        key: {str(k): v for k, v in params.items()},
+        "dense_positions": dense_sink,
+        **extra,
+    }
 
 
 def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
@@ -261,21 +390,20 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer:
         with routing(model, {"rule": "tau", "tau": 0.0}):
-            table = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
+            sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
         budgets = sorted(
             set(DEFAULT_BUDGETS) | ({cfg.target_flops} if cfg.target_flops else set()), reverse=True
         )
-        for j, b in enumerate(budgets):
-            taus_l = allocate(table, b)
-            pol = {
-                "rule": "tau",
-                "taus": {str(k): v for k, v in taus_l.items()},
-                "dense_positions": sink,
-            }
-            row = _row("per-layer-tau", pol, ev.measure(model, pol), dense.quality, ev.metric)
-            row["budget"] = b
-            rows.append(row)
-            progress("per-layer allocation", j + 1, len(budgets), budget=b)
+        for rule in parse_rules(cfg.layer_rules):
+            table = sens.table(rule)
+            for j, b in enumerate(budgets):
+                pol = layer_policy(rule, allocate(table, b), sink)
+                row = _row(
+                    f"per-layer-{rule}", pol, ev.measure(model, pol), dense.quality, ev.metric
+                )
+                row["budget"] = b
+                rows.append(row)
+                progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
     pick = choose(rows, cfg)
     return {
         "split": "calib",

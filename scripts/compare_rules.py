@@ -2,10 +2,11 @@
 
     python scripts/compare_rules.py ARTIFACT [--tokens 12288] [--json FILE]
 
-ARTIFACT must have routers (after train-routers or calibrate). Rules compared:
-learned routers with a global tau and with per-layer taus, an oracle that selects experts by
-their true output norm (the ceiling routers chase) with the same two rules, and static top-k
-(a fixed number of experts per token) by router scores and by oracle scores. All points use
+ARTIFACT must have routers (after train-routers or calibrate). Each rule runs twice: with the
+learned routers' scores and with an oracle's (each expert's true output norm, the ceiling that
+routers chase). Rules: a global tau; per-layer taus, per-layer absolute thresholds and
+per-layer k, with budgets allocated by calibrate's sensitivity estimate; and static top-k (the
+same number of experts for every token and layer). All points use
 the same held-out windows; the dense model is measured in the same run.
 """
 
@@ -18,13 +19,13 @@ import time
 import numpy as np
 
 from d2d.artifact import load_artifact, write_json_atomic
-from d2d.calibrate import allocate, layer_sensitivity
+from d2d.calibrate import allocate, layer_policy, layer_sensitivity
 from d2d.evaluate import Evaluator, quality_drop
 from d2d.moe.routing import routing
 
 TAUS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2]
-BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
-TOPK = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]
+BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+TOPK = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
 
 
 def main():
@@ -47,31 +48,56 @@ def main():
 
     def add(name, policy, extra=None):
         m = ev.measure(model, policy)
-        row = {"rule": name, "policy": policy, "ffn_fraction": m.ffn_fraction,
-               "model_fraction": m.model_fraction, "quality": m.quality,
-               "drop": quality_drop(ev.metric, m.quality, dense.quality), **(extra or {})}
+        row = {
+            "rule": name,
+            "policy": policy,
+            "ffn_fraction": m.ffn_fraction,
+            "model_fraction": m.model_fraction,
+            "quality": m.quality,
+            "drop": quality_drop(ev.metric, m.quality, dense.quality),
+            **(extra or {}),
+        }
         rows.append(row)
-        print(f"{name:22s} {json.dumps(extra or {}):18s} FFN {100 * m.ffn_fraction:5.1f}%  "
-              f"{ev.metric} {m.quality:8.3f}  {100 * row['drop']:+7.2f}%", flush=True)
+        print(
+            f"{name:22s} {json.dumps(extra or {}):18s} FFN {100 * m.ffn_fraction:5.1f}%  "
+            f"{ev.metric} {m.quality:8.3f}  {100 * row['drop']:+7.2f}%",
+            flush=True,
+        )
 
     sink = a.dense_sink
     for scores in ("router", "oracle"):
         for t in TAUS:
-            add(f"{scores} global tau", {"rule": "tau", "tau": t, "scores": scores,
-                                         "dense_positions": sink}, {"tau": t})
+            add(
+                f"{scores} global tau",
+                {"rule": "tau", "tau": t, "scores": scores, "dense_positions": sink},
+                {"tau": t},
+            )
         with routing(model, {"rule": "tau", "tau": 0.0, "scores": scores}):
-            table = layer_sensitivity(model, cal, sink, 2048)
-        for b in BUDGETS:
-            taus = {str(k): v for k, v in allocate(table, b).items()}
-            add(f"{scores} per-layer tau", {"rule": "tau", "taus": taus, "scores": scores,
-                                            "dense_positions": sink}, {"budget": b})
+            sens = layer_sensitivity(model, cal, sink, 2048)
+        for rule in ("tau", "threshold", "topk"):
+            table = sens.table(rule)
+            for b in BUDGETS:
+                pol = layer_policy(rule, allocate(table, b), sink, scores=scores)
+                add(f"{scores} per-layer {rule}", pol, {"budget": b})
         for f in TOPK:
-            add(f"{scores} top-k", {"rule": "topk", "fraction": f, "scores": scores,
-                                    "dense_positions": sink}, {"fraction": f})
-    out = {"artifact": a.artifact, "data": a.data, "split": "heldout", "tokens": ev.tokens,
-           "seq_len": a.seq_len, "dense_sink": sink, "metric": ev.metric,
-           "dense_quality": dense.quality, "rows": rows, "seconds": time.time() - t0,
-           "savings_ratio": savings_ratio(rows)}
+            add(
+                f"{scores} top-k",
+                {"rule": "topk", "fraction": f, "scores": scores, "dense_positions": sink},
+                {"fraction": f},
+            )
+    out = {
+        "artifact": a.artifact,
+        "data": a.data,
+        "split": "heldout",
+        "tokens": ev.tokens,
+        "seq_len": a.seq_len,
+        "dense_sink": sink,
+        "metric": ev.metric,
+        "dense_quality": dense.quality,
+        "rows": rows,
+        "seconds": time.time() - t0,
+        "savings_ratio": savings_ratio(rows),
+    }
     print(json.dumps(out["savings_ratio"], indent=1))
     if a.json:
         write_json_atomic(a.json, out)
@@ -104,8 +130,11 @@ def savings_ratio(rows):
     for drop in (0.01, 0.02, 0.05, 0.1):
         r = 1 - fraction_at(frontier(rows, "router"), drop)
         o = 1 - fraction_at(frontier(rows, "oracle"), drop)
-        out[f"{drop:.0%}"] = {"router_savings": r, "oracle_savings": o,
-                              "ratio": r / o if o > 0 else None}
+        out[f"{drop:.0%}"] = {
+            "router_savings": r,
+            "oracle_savings": o,
+            "ratio": r / o if o > 0 else None,
+        }
     return out
 
 

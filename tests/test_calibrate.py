@@ -23,8 +23,8 @@ def _table():
     # layer 0 is cheap to sparsify, layer 1 expensive
     fr = np.linspace(1.0, 0.1, len(LAYER_GRID))
     return {
-        0: (fr, np.linspace(0, 1, len(LAYER_GRID)) ** 2),
-        1: (fr, 100 * np.linspace(0, 1, len(LAYER_GRID)) ** 2),
+        0: (fr, np.linspace(0, 1, len(LAYER_GRID)) ** 2, list(LAYER_GRID)),
+        1: (fr, 100 * np.linspace(0, 1, len(LAYER_GRID)) ** 2, list(LAYER_GRID)),
     }
 
 

@@ -59,3 +59,57 @@ def test_real_process_exit_code_and_single_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_missing_recipe_is_exit_2(tmp_path):
+    res = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_calibrate_summary_prints_the_table(model_dirs, tmp_path):
+    args = ["--n-experts", "8"]
+    assert (
+        runner.invoke(
+            app, ["convert", model_dirs["gated"], "-o", str(tmp_path / "c"), *args]
+        ).exit_code
+        == 0
+    )
+    res = runner.invoke(
+        app,
+        [
+            "train-routers",
+            str(tmp_path / "c"),
+            "-o",
+            str(tmp_path / "r"),
+            "--tokens",
+            "512",
+            "--seq-len",
+            "64",
+            "--steps",
+            "5",
+            "--heldout-tokens",
+            "128",
+            "--hidden",
+            "8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(
+        app,
+        [
+            "calibrate",
+            str(tmp_path / "r"),
+            "-o",
+            str(tmp_path / "k"),
+            "--taus",
+            "0,0.5",
+            "--tokens",
+            "256",
+            "--seq-len",
+            "64",
+            "--no-per-layer",
+        ],
+        env={"COLUMNS": "160"},
+    )
+    assert res.exit_code == 0, res.output
+    assert "calibration" in res.output and "global-tau" in res.output and "->" in res.output

@@ -18,8 +18,10 @@ def smollm():
 
 def test_smollm2_converted_logits_equal_dense(smollm):
     model, tok = smollm.model, smollm.tokenizer
-    ids = tok("The BBC reported that the economy grew faster than expected this quarter.",
-              return_tensors="pt")["input_ids"]
+    ids = tok(
+        "The BBC reported that the economy grew faster than expected this quarter.",
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         prompt_ref = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -34,8 +36,11 @@ def test_smollm2_converted_logits_equal_dense(smollm):
 
 def test_minilm_converted_output_equals_dense():
     art = open_input("minilm-l6")
-    enc = art.tokenizer(["a sentence to embed", "another, longer sentence to embed here"],
-                        padding=True, return_tensors="pt")
+    enc = art.tokenizer(
+        ["a sentence to embed", "another, longer sentence to embed here"],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         ref = art.model(**enc).last_hidden_state
     convert(art.model, ConvertConfig(n_experts=48))

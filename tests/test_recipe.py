@@ -21,14 +21,17 @@ def test_overrides_and_data_default():
     assert r["stages"][1][1] == {"steps": 7, "data": "d"} and r["out"] == "elsewhere"
 
 
-@pytest.mark.parametrize("text,match", [
-    ("model: m\nout: o\n", "stages"),
-    ("model: m\nout: o\nstages: [bogus]\n", "unknown stage 'bogus'"),
-    ("model: m\nout: o\nstages: [{convert: {wrong: 1}}]\n", "no option 'wrong'"),
-    ("model: m\nout: o\nstages: [{eval: {tau: 3}}]\n", "tau must be"),
-    ("model: [m\n", "not valid YAML"),
-    ("stages: [convert]\n", "'model'"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("model: m\nout: o\n", "stages"),
+        ("model: m\nout: o\nstages: [bogus]\n", "unknown stage 'bogus'"),
+        ("model: m\nout: o\nstages: [{convert: {wrong: 1}}]\n", "no option 'wrong'"),
+        ("model: m\nout: o\nstages: [{eval: {tau: 3}}]\n", "tau must be"),
+        ("model: [m\n", "not valid YAML"),
+        ("stages: [convert]\n", "'model'"),
+    ],
+)
 def test_bad_recipes(text, match):
     with pytest.raises(D2DError, match=match):
         parse_recipe(text)
@@ -36,14 +39,36 @@ def test_bad_recipes(text, match):
 
 def test_recipe_runs_resumes_and_records(model_dirs, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": model_dirs["gated"], "data": "bbc-news", "out": str(tmp_path / "run"),
-        "stages": [{"convert": {"n_experts": 8}},
-                   {"train-routers": {"tokens": 512, "seq_len": 64, "steps": 10,
-                                      "heldout_tokens": 128, "hidden": 8}},
-                   {"calibrate": {"taus": "0,0.5", "tokens": 256, "seq_len": 64,
-                                  "per_layer": False}},
-                   {"eval": {"tokens": 256, "seq_len": 64}}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": model_dirs["gated"],
+                "data": "bbc-news",
+                "out": str(tmp_path / "run"),
+                "stages": [
+                    {"convert": {"n_experts": 8}},
+                    {
+                        "train-routers": {
+                            "tokens": 512,
+                            "seq_len": 64,
+                            "steps": 10,
+                            "heldout_tokens": 128,
+                            "hidden": 8,
+                        }
+                    },
+                    {
+                        "calibrate": {
+                            "taus": "0,0.5",
+                            "tokens": 256,
+                            "seq_len": 64,
+                            "per_layer": False,
+                        }
+                    },
+                    {"eval": {"tokens": 256, "seq_len": 64}},
+                ],
+            }
+        )
+    )
     recs = run_recipe(recipe)
     assert [r["stage"] for r in recs] == ["convert", "train-routers", "calibrate", "eval"]
     assert (tmp_path / "run" / "3-eval.json").exists()

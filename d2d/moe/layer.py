@@ -54,6 +54,25 @@ class LayerStats:
         return self.executed / max(1, self.tokens * n_experts)
 
 
+def rule_mask(
+    rule: str, scores: torch.Tensor, tau: float = 0.0, k: int = 1, threshold: float = 0.0
+) -> torch.Tensor:
+    """Boolean [N, E] mask of the experts a rule runs, from non-negative scores [N, E].
+
+    tau: dynamic-k, run i iff score_i >= tau * max score (D2DMoE);
+    topk: the k best experts of each token;
+    threshold: run i iff score_i >= an absolute threshold (per layer), always the best one.
+    """
+    if rule == "tau":
+        return scores >= tau * scores.amax(dim=-1, keepdim=True)
+    if rule == "topk":
+        idx = scores.topk(max(1, k), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    if rule == "threshold":
+        return (scores >= threshold) | (scores >= scores.amax(dim=-1, keepdim=True))
+    raise ValueError(f"unknown routing rule {rule!r}")
+
+
 class MoEFFN(nn.Module):
     """A dense FFN split into `n_experts` experts of `expert_size` neurons each."""
 
@@ -84,7 +103,8 @@ class MoEFFN(nn.Module):
         self.register_buffer("perm", torch.arange(f, device=device))
         self.router: Router | None = None
         # routing policy
-        self.rule = "all"  # all | tau | topk
+        self.rule = "all"  # all | tau | topk | threshold
+        self.threshold = 0.0  # rule "threshold": absolute predicted-norm threshold
         self.scores = "router"  # router | oracle
         self.tau = 0.0
         self.k = n_experts
@@ -124,19 +144,15 @@ class MoEFFN(nn.Module):
             return None
         if self.rule == "topk" and self.k >= self.n_experts:
             return None
+        if self.rule == "threshold" and self.threshold <= 0.0:
+            return None
         if self.scores == "oracle":
             scores = self.expert_norms(h)
         else:
             if self.router is None:
                 raise RuntimeError("this MoE layer has no router: run train-routers first")
             scores = self.router(x.to(self.router.fc1.weight.dtype))
-        if self.rule == "tau":
-            mask = scores >= self.tau * scores.amax(dim=-1, keepdim=True)
-        elif self.rule == "topk":
-            idx = scores.topk(max(1, self.k), dim=-1).indices
-            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
-        else:
-            raise ValueError(f"unknown routing rule {self.rule!r}")
+        mask = rule_mask(self.rule, scores, tau=self.tau, k=self.k, threshold=self.threshold)
         pos = self.context.positions
         if self.dense_positions > 0 and pos is not None and pos.numel() == mask.shape[0]:
             mask |= (pos.reshape(-1) < self.dense_positions)[:, None]

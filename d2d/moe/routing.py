@@ -3,6 +3,8 @@
     {"rule": "tau", "scores": "router", "tau": 0.1, "dense_positions": 1}
     {"rule": "tau", "taus": {"0": 0.02, "1": 0.1, ...}, ...}   per-layer thresholds
     {"rule": "topk", "fraction": 0.5}                            static top-k
+    {"rule": "topk", "fractions": {"0": 0.9, ...}}               per-layer top-k
+    {"rule": "threshold", "thresholds": {"0": 0.13, ...}}        per-layer absolute threshold
     {"rule": "all"}                                              every expert (== dense)
 
 Dynamic-k (D2DMoE): a token runs expert i iff its predicted norm >= tau x the largest predicted
@@ -19,7 +21,7 @@ from torch import nn
 from d2d.errors import D2DError
 from d2d.moe.layer import LayerStats, MoEFFN
 
-RULES = ("all", "tau", "topk")
+RULES = ("all", "tau", "topk", "threshold")
 
 
 def validate(policy: dict) -> dict:
@@ -32,9 +34,12 @@ def validate(policy: dict) -> dict:
     for t in taus:
         if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
             raise D2DError(f"tau must be a number in [0, 1], got {t!r}")
-    frac = policy.get("fraction", 1.0)
-    if not 0.0 < frac <= 1.0:
-        raise D2DError(f"top-k fraction must be in (0, 1], got {frac}")
+    for frac in [policy.get("fraction", 1.0)] + list((policy.get("fractions") or {}).values()):
+        if not isinstance(frac, (int, float)) or not 0.0 < frac <= 1.0:
+            raise D2DError(f"top-k fraction must be in (0, 1], got {frac!r}")
+    for t in (policy.get("thresholds") or {}).values():
+        if not isinstance(t, (int, float)) or t < 0:
+            raise D2DError(f"thresholds must be numbers >= 0, got {t!r}")
     return policy
 
 
@@ -48,11 +53,14 @@ def apply_routing(model: nn.Module, policy: dict) -> None:
     validate(policy)
     moes = _moes(model)
     taus = {int(k): v for k, v in (policy.get("taus") or {}).items()}
+    fracs = {int(k): v for k, v in (policy.get("fractions") or {}).items()}
+    thresholds = {int(k): v for k, v in (policy.get("thresholds") or {}).items()}
     for i, m in moes.items():
         m.rule = policy.get("rule", "tau")
         m.scores = policy.get("scores", "router")
         m.tau = float(taus.get(i, policy.get("tau", 0.0)))
-        m.k = max(1, round(policy.get("fraction", 1.0) * m.n_experts))
+        m.k = max(1, round(fracs.get(i, policy.get("fraction", 1.0)) * m.n_experts))
+        m.threshold = float(thresholds.get(i, 0.0))
         m.dense_positions = int(policy.get("dense_positions", 0))
         if m.scores == "router" and m.rule != "all" and m.router is None:
             raise D2DError("this artifact has no routers: run d2d train-routers first")
@@ -62,13 +70,15 @@ def apply_routing(model: nn.Module, policy: dict) -> None:
 def routing(model: nn.Module, policy: dict):
     """Temporarily route with `policy`; restores the previous settings afterwards."""
     moes = _moes(model)
-    saved = {i: (m.rule, m.scores, m.tau, m.k, m.dense_positions) for i, m in moes.items()}
+    saved = {
+        i: (m.rule, m.scores, m.tau, m.k, m.threshold, m.dense_positions) for i, m in moes.items()
+    }
     try:
         apply_routing(model, policy)
         yield
     finally:
         for i, m in moes.items():
-            m.rule, m.scores, m.tau, m.k, m.dense_positions = saved[i]
+            m.rule, m.scores, m.tau, m.k, m.threshold, m.dense_positions = saved[i]
 
 
 @contextmanager
