@@ -191,8 +191,9 @@ QUANTILE_GRID = np.array(
 class Sensitivity:
     """FFN inputs and output gradients captured once; per-layer cost tables for any rule."""
 
-    def __init__(self, moes, caps, grads, dense_sink: int):
+    def __init__(self, moes, caps, grads, dense_sink: int, scores: str):
         self.moes, self.caps, self.grads, self.sink = moes, caps, grads, dense_sink
+        self.scores = scores  # "router" or "oracle": what the tables rank experts by
 
     def _grid(self, rule: str, scores: torch.Tensor, real: torch.Tensor | None) -> list[float]:
         if rule == "tau":
@@ -216,8 +217,7 @@ class Sensitivity:
             x, pos, tm = self.caps[i]
             g = self.grads[i]
             h = m.hidden(x)
-            use_router = m.scores == "router" and m.router is not None
-            scores = m.router(x) if use_router else m.expert_norms(h)
+            scores = m.router(x) if self.scores == "router" else m.expert_norms(h)
             E, s = m.n_experts, m.expert_size
             keep_all = (pos < self.sink) if (pos is not None and self.sink > 0) else None
             params = self._grid(rule, scores, tm)
@@ -246,7 +246,7 @@ class Sensitivity:
 
 
 def layer_sensitivity(
-    model, ev: Evaluator, dense_sink: int, tokens: int, seed: int = 0
+    model, ev: Evaluator, dense_sink: int, tokens: int, seed: int = 0, scores: str = "router"
 ) -> Sensitivity:
     """One forward/backward pass capturing each MoE layer's input and output gradient."""
     moes = moe_layers(model)
@@ -308,7 +308,7 @@ def layer_sensitivity(
         for i in moes
     }
     g = {i: torch.cat([t.reshape(-1, moes[i].d_model) for t in grads[i]]).float() for i in moes}
-    return Sensitivity(moes, merged, g, dense_sink)
+    return Sensitivity(moes, merged, g, dense_sink, scores)
 
 
 def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
@@ -389,8 +389,7 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
         rows.append(_row("global-tau", pol, ev.measure(model, pol), dense.quality, ev.metric))
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer:
-        with routing(model, {"rule": "tau", "tau": 0.0}):
-            sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
+        sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
         budgets = sorted(
             set(DEFAULT_BUDGETS) | ({cfg.target_flops} if cfg.target_flops else set()), reverse=True
         )

@@ -21,7 +21,6 @@ import numpy as np
 from d2d.artifact import load_artifact, write_json_atomic
 from d2d.calibrate import allocate, layer_policy, layer_sensitivity
 from d2d.evaluate import Evaluator, quality_drop
-from d2d.moe.routing import routing
 
 TAUS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2]
 BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
@@ -72,8 +71,7 @@ def main():
                 {"rule": "tau", "tau": t, "scores": scores, "dense_positions": sink},
                 {"tau": t},
             )
-        with routing(model, {"rule": "tau", "tau": 0.0, "scores": scores}):
-            sens = layer_sensitivity(model, cal, sink, 2048)
+        sens = layer_sensitivity(model, cal, sink, 2048, scores=scores)
         for rule in ("tau", "threshold", "topk"):
             table = sens.table(rule)
             for b in BUDGETS:
