@@ -1,6 +1,7 @@
 """Selection rules side by side on held-out data: FFN FLOPs fraction -> quality.
 
     python scripts/compare_rules.py ARTIFACT [--tokens 12288] [--json FILE]
+    python scripts/compare_rules.py FILE.json --markdown     # tables for docs/results.md
 
 ARTIFACT must have routers (after train-routers or calibrate). Each rule runs twice: with the
 learned routers' scores and with an oracle's (each expert's true output norm, the ceiling that
@@ -27,15 +28,50 @@ BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
 TOPK = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
 
 
+def markdown(path: str) -> str:
+    """Render a saved comparison as markdown tables, one per rule."""
+    d = json.loads(open(path).read())
+    groups: dict[str, list] = {}
+    for r in d["rows"]:
+        groups.setdefault(r["rule"], []).append(r)
+    lines = [f"Dense {d['metric']}: {d['dense_quality']:.2f} on {d['tokens']} held-out tokens.", ""]
+    for rule, rows in groups.items():
+        key = next(k for k in ("tau", "budget", "fraction") if k in rows[0])
+        lines += [
+            f"**{rule}**",
+            "",
+            f"| {key} | FFN FLOPs | model FLOPs | {d['metric']} | change |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r[key]} | {100 * r['ffn_fraction']:.1f}% | {100 * r['model_fraction']:.1f}% "
+            f"| {r['quality']:.2f} | {100 * r['drop']:+.1f}% |"
+            for r in rows
+        ]
+        lines.append("")
+    lines += ["| quality drop | router savings | oracle savings | ratio |", "|---|---|---|---|"]
+    for k, v in savings_ratio(d["rows"]).items():
+        ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
+        lines.append(
+            f"| {k} | {100 * v['router_savings']:.1f}% | "
+            f"{100 * v['oracle_savings']:.1f}% | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact")
+    ap.add_argument("artifact", help="artifact with routers, or a saved .json with --markdown")
+    ap.add_argument("--markdown", action="store_true", help="render a saved comparison")
     ap.add_argument("--data", default="bbc-news")
     ap.add_argument("--tokens", type=int, default=12288)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--dense-sink", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(a.artifact))
+        return
     art = load_artifact(a.artifact)
     model, tok = art.model, art.tokenizer
     t0 = time.time()
@@ -101,24 +137,17 @@ def main():
         write_json_atomic(a.json, out)
 
 
-def frontier(rows, rule_prefix):
-    """Best (lowest) FFN fraction reached at each quality drop, over the rules with a prefix."""
-    pts = sorted((r["drop"], r["ffn_fraction"]) for r in rows if r["rule"].startswith(rule_prefix))
-    return pts
-
-
-def fraction_at(pts, drop):
-    """Smallest FFN fraction whose drop <= `drop` (linear interpolation between points)."""
-    ok = [f for d, f in pts if d <= drop]
-    best = min(ok) if ok else 1.0
-    # interpolate between the last point under and the first point over the limit
-    under = [(d, f) for d, f in pts if d <= drop]
-    over = [(d, f) for d, f in pts if d > drop]
-    if under and over:
-        d0, f0 = max(under)
-        d1, f1 = min(over)
-        if d1 > d0 and f1 < f0:
-            best = min(best, float(np.interp(drop, [d0, d1], [f0, f1])))
+def fraction_at(rows, prefix: str, drop: float) -> float:
+    """Lowest FFN fraction reachable at quality drop <= `drop` by any rule whose name starts
+    with `prefix`; within one rule, linear interpolation between its neighbouring settings."""
+    best = 1.0
+    rules = {r["rule"] for r in rows if r["rule"].startswith(prefix)}
+    for rule in rules:
+        pts = sorted((r["drop"], r["ffn_fraction"]) for r in rows if r["rule"] == rule)
+        for (d0, f0), (d1, f1) in zip(pts, pts[1:], strict=False):
+            if d0 <= drop < d1:
+                best = min(best, float(np.interp(drop, [d0, d1], [f0, f1])))
+        best = min([best] + [f for d, f in pts if d <= drop])
     return best
 
 
@@ -126,8 +155,8 @@ def savings_ratio(rows):
     """Router savings / oracle savings at equal quality drop, for a few drops."""
     out = {}
     for drop in (0.01, 0.02, 0.05, 0.1):
-        r = 1 - fraction_at(frontier(rows, "router"), drop)
-        o = 1 - fraction_at(frontier(rows, "oracle"), drop)
+        r = 1 - fraction_at(rows, "router", drop)
+        o = 1 - fraction_at(rows, "oracle", drop)
         out[f"{drop:.0%}"] = {
             "router_savings": r,
             "oracle_savings": o,

@@ -26,7 +26,7 @@ class TrainRoutersConfig:
     steps: int = field(default=1500, metadata={"help": "Optimizer steps per layer."})
     batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
-    hidden: int = field(default=128, metadata={"help": "Router hidden width."})
+    hidden: int = field(default=64, metadata={"help": "Router hidden width."})
     heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
     skip_positions: int = field(
         default=1,
