@@ -113,3 +113,16 @@ def test_calibrate_summary_prints_the_table(model_dirs, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "calibration" in res.output and "global-tau" in res.output and "->" in res.output
+
+
+def test_eval_writes_json_report(model_dirs, tmp_path):
+    import json
+
+    out = tmp_path / "report.json"
+    res = runner.invoke(
+        app, ["eval", model_dirs["gated"], "--json", str(out), "--tokens", "256", "--seq-len", "64"]
+    )
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["stage"] == "eval" and rep["metrics"]["rows"][0]["model"] == "dense"
+    assert "perplexity" in res.output
