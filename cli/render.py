@@ -56,28 +56,42 @@ def _pct(x: float) -> str:
 def _policy(p: dict) -> str:
     if p.get("rule") == "all":
         return "all experts"
-    if p.get("taus"):
-        vals = list(p["taus"].values())
-        return f"per-layer tau {min(vals):g}..{max(vals):g}"
+    for key, name in (("taus", "tau"), ("thresholds", "threshold"), ("fractions", "top-k")):
+        if p.get(key):
+            return f"per-layer {name}"
     if p.get("rule") == "topk":
         return f"top-k {p.get('fraction', 1):.0%}"
     return f"tau {p.get('tau', 0):g}"
 
 
+def _row_label(r: dict) -> str:
+    if r["rule"] == "dense":
+        return "dense (all experts)"
+    if "budget" in r:
+        return f"{_policy(r['policy'])} @{100 * r['budget']:.0f}%"
+    return ("global " if r["rule"] == "global-tau" else "") + _policy(r["policy"])
+
+
+def _change(drop: float) -> str:
+    return f"{100 * drop:+.1f}%" if abs(drop) < 10 else (">+999%" if drop > 0 else "<-999%")
+
+
 def calibration_table(cal: dict, title: str = "calibration") -> Table:
-    t = Table(title=title)
-    for c in ("", "rule", "routing", "FFN FLOPs", "model FLOPs", cal["metric"], "change"):
-        t.add_column(c, justify="right" if c not in ("rule", "routing", "") else "left")
+    """Rows: routing (per-layer rules @ their FLOPs budget), FLOPs fractions, quality."""
+    t = Table(title=f"{title}; FLOPs as a fraction of dense")
+    t.add_column("")
+    t.add_column("routing", no_wrap=True)
+    for c in ("FFN", "model", cal["metric"], "change"):
+        t.add_column(c, justify="right", no_wrap=True)
     for j, r in enumerate(cal["rows"]):
         mark = "->" if j == cal.get("choice") else ""
         t.add_row(
             mark,
-            r["rule"],
-            _policy(r["policy"]),
+            _row_label(r),
             _pct(r["ffn_fraction"]),
             _pct(r["model_fraction"]),
             f"{r['quality']:.4g}",
-            f"{100 * r['drop']:+.2f}%",
+            _change(r["drop"]),
             style="bold green" if mark else None,
         )
     return t
@@ -121,7 +135,7 @@ def print_record(stage: str, rec: dict, out) -> None:
             t.add_row(
                 r["model"],
                 f"{r['quality']:.4g}",
-                f"{100 * r['drop']:+.2f}%",
+                _change(r["drop"]),
                 _pct(r["ffn_fraction"]),
                 _pct(r["model_fraction"]),
                 f"{r['seconds']:.1f}s",
