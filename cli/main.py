@@ -69,40 +69,38 @@ def _stage_command(name: str):
 
     spec = STAGES[name]
     hints = typing.get_type_hints(spec.config_cls)
+
+    def opt(name, annotation, default):
+        return inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+        )
+
     params = [
-        inspect.Parameter(
+        opt(
             "input",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=str,
-            default=typer.Argument(
+            str,
+            typer.Argument(
                 ..., help="Model: alias, HF folder, .gguf file, cached hub id, or a d2d artifact."
             ),
-        ),
+        )
     ]
     if spec.writes_artifact:
         params.append(
-            inspect.Parameter(
-                "out",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=Path,
-                default=typer.Option(..., "--out", "-o", help="Output artifact folder."),
-            )
+            opt("out", Path, typer.Option(..., "--out", "-o", help="Output artifact folder."))
         )
         params.append(
-            inspect.Parameter(
+            opt(
                 "overwrite",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=bool,
-                default=typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+                bool,
+                typer.Option(False, "--overwrite", help="Replace --out if it exists."),
             )
         )
     else:
         params.append(
-            inspect.Parameter(
+            opt(
                 "json_out",
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=Optional[Path],  # noqa: UP045
-                default=typer.Option(None, "--json", help="Also write the report to this file."),
+                Optional[Path],  # noqa: UP045
+                typer.Option(None, "--json", help="Also write the report to this file."),
             )
         )
     for f in dataclasses.fields(spec.config_cls):
@@ -110,21 +108,13 @@ def _stage_command(name: str):
         flag = "--" + f.name.replace("_", "-")
         decls = [flag] if hints[f.name] is not bool else [f"{flag}/--no-{flag[2:]}"]
         params.append(
-            inspect.Parameter(
+            opt(
                 f.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                annotation=_option_type(hints[f.name]),
-                default=typer.Option(default, *decls, help=f.metadata.get("help", "")),
+                _option_type(hints[f.name]),
+                typer.Option(default, *decls, help=f.metadata.get("help", "")),
             )
         )
-    params.append(
-        inspect.Parameter(
-            "debug",
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=bool,
-            default=typer.Option(False, "--debug", help="Show tracebacks."),
-        )
-    )
+    params.append(opt("debug", bool, typer.Option(False, "--debug", help="Show tracebacks.")))
 
     def command(**kw):
         from d2d.artifact import write_json_atomic

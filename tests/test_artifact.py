@@ -93,11 +93,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, model_dirs):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_weights_are_a_clear_error(routed, tmp_path):
+def copy_of(src, tmp_path):
+    """A copy of an artifact to damage, with its parsed d2d.json."""
     import shutil
 
     bad = tmp_path / "bad"
-    shutil.copytree(routed / "c", bad)
+    shutil.copytree(src, bad)
+    return bad, json.loads((bad / "d2d.json").read_text())
+
+
+def test_corrupt_weights_are_a_clear_error(routed, tmp_path):
+    bad, _ = copy_of(routed / "c", tmp_path)
     w = bad / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(D2DError, match="corrupt"):
@@ -105,11 +111,7 @@ def test_corrupt_weights_are_a_clear_error(routed, tmp_path):
 
 
 def test_newer_format_and_malformed_meta_are_refused(routed, tmp_path):
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(routed / "c", bad)
-    meta = json.loads((bad / "d2d.json").read_text())
+    bad, meta = copy_of(routed / "c", tmp_path)
     (bad / "d2d.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(D2DError, match="newer d2d"):
         load_artifact(bad)
@@ -119,11 +121,7 @@ def test_newer_format_and_malformed_meta_are_refused(routed, tmp_path):
 
 
 def test_meta_that_disagrees_with_weights_is_refused(routed, tmp_path):
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(routed / "c", bad)
-    meta = json.loads((bad / "d2d.json").read_text())
+    bad, meta = copy_of(routed / "c", tmp_path)
     meta["stages"][0]["structure"]["layers"] = [0]
     (bad / "d2d.json").write_text(json.dumps(meta))
     with pytest.raises(D2DError, match="disagrees"):
