@@ -16,19 +16,19 @@ the first token is an attention sink whose FFN output is large and easily damage
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d2d.configs import CalibrateConfig, parse_rules, parse_taus
 from d2d.errors import D2DError
 from d2d.evaluate import Evaluator, Measurement, quality_drop
 from d2d.moe.convert import moe_layers
 from d2d.moe.routing import routing
 from d2d.progress import Progress, null_progress
 
-DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
 LAYER_GRID = np.array(
     [
         0,
@@ -56,75 +56,6 @@ LAYER_GRID = np.array(
 DEFAULT_BUDGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
-def parse_taus(spec: str) -> list[float]:
-    try:
-        taus = sorted({float(t) for t in str(spec).split(",") if t.strip()})
-    except ValueError:
-        raise D2DError(f"bad tau list {spec!r}: use numbers like 0,0.05,0.1") from None
-    if not taus:
-        raise D2DError("the tau list is empty: give at least one tau in [0, 1]")
-    for t in taus:
-        if not 0.0 <= t <= 1.0:
-            raise D2DError(f"tau must be in [0, 1], got {t}")
-    return taus
-
-
-def parse_rules(spec: str) -> list[str]:
-    rules = [r.strip() for r in str(spec).split(",") if r.strip()]
-    bad = [r for r in rules if r not in LAYER_RULES]
-    if bad or not rules:
-        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(LAYER_RULES)}")
-    return rules
-
-
-@dataclass
-class CalibrateConfig:
-    data: str = field(default="bbc-news", metadata={"help": "Calibration text (files or alias)."})
-    taus: str = field(default=DEFAULT_TAUS, metadata={"help": "Global tau grid, comma-separated."})
-    target_flops: float | None = field(
-        default=None, metadata={"help": "Choose the best quality at <= this FFN FLOPs fraction."}
-    )
-    max_quality_drop: float | None = field(
-        default=None,
-        metadata={
-            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%). "
-            "Default when no target is given: 0.02."
-        },
-    )
-    per_layer: bool = field(
-        default=True, metadata={"help": "Also calibrate per-layer rules (allocated budgets)."}
-    )
-    layer_rules: str = field(
-        default="tau,threshold,topk",
-        metadata={
-            "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
-            "norm), topk (fixed k per layer)."
-        },
-    )
-    dense_sink: int = field(
-        default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
-    )
-    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
-    tokens: int = field(default=8192, metadata={"help": "Calibration tokens."})
-    sensitivity_tokens: int = field(
-        default=2048, metadata={"help": "Tokens for the per-layer sensitivity pass."}
-    )
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
-
-    def __post_init__(self):
-        parse_taus(self.taus)
-        parse_rules(self.layer_rules)
-        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
-            raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
-        if self.max_quality_drop is not None and self.max_quality_drop < 0:
-            raise D2DError(f"max-quality-drop must be >= 0, got {self.max_quality_drop}")
-        if self.target_flops is not None and self.max_quality_drop is not None:
-            raise D2DError("give --target-flops or --max-quality-drop, not both")
-        if self.dense_sink < 0 or self.seq_len < 2 or self.tokens < 1:
-            raise D2DError("dense-sink must be >= 0, seq-len >= 2 and tokens >= 1")
-
-
 def _row(rule: str, policy: dict, m: Measurement, dense_q: float, metric: str) -> dict:
     return {
         "rule": rule,
@@ -137,7 +68,6 @@ def _row(rule: str, policy: dict, m: Measurement, dense_q: float, metric: str) -
     }
 
 
-LAYER_RULES = ("tau", "threshold", "topk")
 FRACTION_GRID = np.array(
     [
         1.0,

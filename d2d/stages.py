@@ -12,37 +12,24 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from d2d.artifact import Artifact, is_artifact, load_artifact, new_meta, save
-from d2d.calibrate import CalibrateConfig, calibrate
+from d2d.configs import CalibrateConfig, ConvertConfig, EvalConfig, TrainRoutersConfig
 from d2d.errors import D2DError
-from d2d.moe.convert import ConvertConfig, convert, moe_layers
-from d2d.moe.routers import TrainRoutersConfig, train_routers
 from d2d.progress import Progress, null_progress
 
+if TYPE_CHECKING:
+    from d2d.artifact import Artifact
 
-@dataclass
-class EvalConfig:
-    data: str = field(default="bbc-news", metadata={"help": "Held-out text (files or alias)."})
-    tau: float | None = field(
-        default=None, metadata={"help": "Evaluate at this global tau instead of the chosen one."}
-    )
-    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
-    tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
-
-    def __post_init__(self):
-        if self.tau is not None and not 0.0 <= self.tau <= 1.0:
-            raise D2DError(f"tau must be in [0, 1], got {self.tau}")
-        if self.seq_len < 2 or self.tokens < 1:
-            raise D2DError("seq-len must be >= 2 and tokens >= 1")
+# stage functions import torch and friends when called: `d2d --help` stays fast
 
 
 def _convert(art: Artifact, cfg: ConvertConfig, progress: Progress):
+    from d2d.moe.convert import convert
+
     structure = convert(art.model, cfg, progress)
     metrics = {
         "converted_layers": len(structure["layers"]),
@@ -53,11 +40,14 @@ def _convert(art: Artifact, cfg: ConvertConfig, progress: Progress):
 
 
 def _train_routers(art: Artifact, cfg: TrainRoutersConfig, progress: Progress):
+    from d2d.moe.routers import train_routers
+
     metrics = train_routers(art.model, art.tokenizer, cfg, progress)
     return metrics, {"hidden": cfg.hidden}
 
 
 def _calibrate(art: Artifact, cfg: CalibrateConfig, progress: Progress):
+    from d2d.calibrate import calibrate
     from d2d.moe.routing import apply_routing
 
     record = calibrate(art.model, art.tokenizer, cfg, progress)
@@ -73,6 +63,7 @@ def _calibrate(art: Artifact, cfg: CalibrateConfig, progress: Progress):
 
 def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     from d2d.evaluate import Evaluator, quality_drop
+    from d2d.moe.convert import moe_layers
 
     if cfg.tau is not None:
         if not moe_layers(art.model):
@@ -173,6 +164,7 @@ def make_config(stage: str, options: dict):
 
 
 def open_input(spec: str, trust_remote_code: bool = False) -> Artifact:
+    from d2d.artifact import Artifact, is_artifact, load_artifact, new_meta
     from d2d.models import load_base
 
     if is_artifact(spec):
@@ -228,6 +220,8 @@ def run_stage(
         raise D2DError(f"{stage} writes an artifact: give --out DIR")
     if out is not None and Path(out).exists() and not overwrite and spec.writes_artifact:
         raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
+    from d2d.artifact import Artifact, save
+
     art = input if isinstance(input, Artifact) else open_input(input)
     art.require(*spec.requires, for_stage=stage)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

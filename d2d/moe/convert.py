@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from d2d import arch
+from d2d.configs import ConvertConfig, parse_layers
 from d2d.errors import D2DError
 from d2d.moe.cluster import balanced_kmeans, permutation_from_labels
 from d2d.moe.layer import MoEFFN, RoutingContext
 from d2d.progress import Progress, null_progress
-
-
-@dataclass
-class ConvertConfig:
-    n_experts: int | None = field(
-        default=None, metadata={"help": "Experts per FFN (must divide the FFN width)."}
-    )
-    expert_size: int = field(
-        default=16, metadata={"help": "Neurons per expert, used when n_experts is not given."}
-    )
-    layers: str = field(
-        default="all", metadata={"help": "Layers to convert: 'all' or a list like '0-5,8'."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
-
-    def __post_init__(self):
-        if self.n_experts is not None and self.n_experts < 1:
-            raise D2DError(f"n_experts must be >= 1, got {self.n_experts}")
-        if self.expert_size < 1:
-            raise D2DError(f"expert_size must be >= 1, got {self.expert_size}")
-        parse_layers(self.layers, 10**6)  # syntax check
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    if spec.strip() == "all":
-        return list(range(n_layers))
-    out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            a, _, b = part.strip().partition("-")
-            lo, hi = int(a), int(b) if b else int(a)
-            out.update(range(lo, hi + 1))
-    except ValueError:
-        raise D2DError(f"bad layer list {spec!r}: use 'all' or e.g. '0-5,8'") from None
-    bad = [i for i in out if i < 0 or i >= n_layers]
-    if bad:
-        raise D2DError(f"layer {bad[0]} does not exist: this model has {n_layers} layers")
-    return sorted(out)
 
 
 def moe_layers(model: nn.Module) -> dict[int, MoEFFN]:

@@ -8,44 +8,14 @@ that cache, and judged on held-out tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from d2d.configs import TrainRoutersConfig
 from d2d.errors import D2DError
 from d2d.moe.layer import MoEFFN, Router
 from d2d.progress import Progress, null_progress
-
-
-@dataclass
-class TrainRoutersConfig:
-    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
-    tokens: int = field(default=32768, metadata={"help": "Training tokens to capture."})
-    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
-    steps: int = field(default=1500, metadata={"help": "Optimizer steps per layer."})
-    batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
-    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
-    hidden: int = field(default=64, metadata={"help": "Router hidden width."})
-    heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
-    skip_positions: int = field(
-        default=1,
-        metadata={
-            "help": "Leading positions left out of training: calibrate keeps "
-            "them dense (their norms are outliers that swamp the MSE)."
-        },
-    )
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the capture pass."})
-    seed: int = field(default=0, metadata={"help": "Seed for data split and init."})
-
-    def __post_init__(self):
-        if self.skip_positions < 0:
-            raise D2DError(f"skip-positions must be >= 0, got {self.skip_positions}")
-        for name in ("tokens", "seq_len", "steps", "batch_size", "hidden", "heldout_tokens"):
-            if getattr(self, name) < 1:
-                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise D2DError(f"lr must be > 0, got {self.lr}")
 
 
 def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:

@@ -1,0 +1,169 @@
+"""Stage configs: small dataclasses, validated on construction, serialised into d2d.json.
+
+Field docs (metadata "help") become the CLI's --help text. This module imports nothing heavy,
+so that the command line starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2d.errors import D2DError
+
+LAYER_RULES = ("tau", "threshold", "topk")
+DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
+
+
+@dataclass
+class ConvertConfig:
+    n_experts: int | None = field(
+        default=None, metadata={"help": "Experts per FFN (must divide the FFN width)."}
+    )
+    expert_size: int = field(
+        default=16, metadata={"help": "Neurons per expert, used when n_experts is not given."}
+    )
+    layers: str = field(
+        default="all", metadata={"help": "Layers to convert: 'all' or a list like '0-5,8'."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
+
+    def __post_init__(self):
+        if self.n_experts is not None and self.n_experts < 1:
+            raise D2DError(f"n_experts must be >= 1, got {self.n_experts}")
+        if self.expert_size < 1:
+            raise D2DError(f"expert_size must be >= 1, got {self.expert_size}")
+        parse_layers(self.layers, 10**6)  # syntax check
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            lo, hi = int(a), int(b) if b else int(a)
+            out.update(range(lo, hi + 1))
+    except ValueError:
+        raise D2DError(f"bad layer list {spec!r}: use 'all' or e.g. '0-5,8'") from None
+    bad = [i for i in out if i < 0 or i >= n_layers]
+    if bad:
+        raise D2DError(f"layer {bad[0]} does not exist: this model has {n_layers} layers")
+    return sorted(out)
+
+
+@dataclass
+class TrainRoutersConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
+    tokens: int = field(default=32768, metadata={"help": "Training tokens to capture."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
+    steps: int = field(default=1500, metadata={"help": "Optimizer steps per layer."})
+    batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
+    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
+    hidden: int = field(default=64, metadata={"help": "Router hidden width."})
+    heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
+    skip_positions: int = field(
+        default=1,
+        metadata={
+            "help": "Leading positions left out of training: calibrate keeps "
+            "them dense (their norms are outliers that swamp the MSE)."
+        },
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the capture pass."})
+    seed: int = field(default=0, metadata={"help": "Seed for data split and init."})
+
+    def __post_init__(self):
+        if self.skip_positions < 0:
+            raise D2DError(f"skip-positions must be >= 0, got {self.skip_positions}")
+        for name in ("tokens", "seq_len", "steps", "batch_size", "hidden", "heldout_tokens"):
+            if getattr(self, name) < 1:
+                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise D2DError(f"lr must be > 0, got {self.lr}")
+
+
+def parse_taus(spec: str) -> list[float]:
+    try:
+        taus = sorted({float(t) for t in str(spec).split(",") if t.strip()})
+    except ValueError:
+        raise D2DError(f"bad tau list {spec!r}: use numbers like 0,0.05,0.1") from None
+    if not taus:
+        raise D2DError("the tau list is empty: give at least one tau in [0, 1]")
+    for t in taus:
+        if not 0.0 <= t <= 1.0:
+            raise D2DError(f"tau must be in [0, 1], got {t}")
+    return taus
+
+
+def parse_rules(spec: str) -> list[str]:
+    rules = [r.strip() for r in str(spec).split(",") if r.strip()]
+    bad = [r for r in rules if r not in LAYER_RULES]
+    if bad or not rules:
+        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(LAYER_RULES)}")
+    return rules
+
+
+@dataclass
+class CalibrateConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Calibration text (files or alias)."})
+    taus: str = field(default=DEFAULT_TAUS, metadata={"help": "Global tau grid, comma-separated."})
+    target_flops: float | None = field(
+        default=None, metadata={"help": "Choose the best quality at <= this FFN FLOPs fraction."}
+    )
+    max_quality_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%). "
+            "Default when no target is given: 0.02."
+        },
+    )
+    per_layer: bool = field(
+        default=True, metadata={"help": "Also calibrate per-layer rules (allocated budgets)."}
+    )
+    layer_rules: str = field(
+        default="tau,threshold,topk",
+        metadata={
+            "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
+            "norm), topk (fixed k per layer)."
+        },
+    )
+    dense_sink: int = field(
+        default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
+    )
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    tokens: int = field(default=8192, metadata={"help": "Calibration tokens."})
+    sensitivity_tokens: int = field(
+        default=2048, metadata={"help": "Tokens for the per-layer sensitivity pass."}
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+
+    def __post_init__(self):
+        parse_taus(self.taus)
+        parse_rules(self.layer_rules)
+        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
+            raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
+        if self.max_quality_drop is not None and self.max_quality_drop < 0:
+            raise D2DError(f"max-quality-drop must be >= 0, got {self.max_quality_drop}")
+        if self.target_flops is not None and self.max_quality_drop is not None:
+            raise D2DError("give --target-flops or --max-quality-drop, not both")
+        if self.dense_sink < 0 or self.seq_len < 2 or self.tokens < 1:
+            raise D2DError("dense-sink must be >= 0, seq-len >= 2 and tokens >= 1")
+
+
+@dataclass
+class EvalConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Held-out text (files or alias)."})
+    tau: float | None = field(
+        default=None, metadata={"help": "Evaluate at this global tau instead of the chosen one."}
+    )
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for forward passes."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+
+    def __post_init__(self):
+        if self.tau is not None and not 0.0 <= self.tau <= 1.0:
+            raise D2DError(f"tau must be in [0, 1], got {self.tau}")
+        if self.seq_len < 2 or self.tokens < 1:
+            raise D2DError("seq-len must be >= 2 and tokens >= 1")
