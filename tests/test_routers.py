@@ -10,7 +10,8 @@ def test_router_training_reduces_loss_and_learns_norms():
     w = torch.randn(16, 6)
     y = (x @ w).abs()  # a learnable non-negative target
     router = Router(16, 6, hidden=32)
-    before = float(((router(x) - y) ** 2).mean())
+    with torch.no_grad():
+        before = float(((router(x) - y) ** 2).mean())
     cfg = TrainRoutersConfig(steps=400, batch_size=256, lr=3e-3)
     train_router(router, x, y, cfg, lambda *a, **k: None, "t")
     with torch.no_grad():

@@ -105,3 +105,26 @@ def test_padding_is_not_counted():
     with routing(m, {"rule": "all"}), collecting(m) as stats, torch.no_grad():
         m(input_ids=ids, attention_mask=mask)
     assert all(s.tokens == 15 for s in stats.values())
+
+
+def test_rule_masks_by_hand():
+    from d2d.moe.layer import rule_mask
+
+    s = torch.tensor([[4.0, 1.0, 0.5, 0.0], [0.2, 0.1, 0.3, 0.05]])
+    tau = rule_mask("tau", s, tau=0.25)
+    assert tau.tolist() == [[True, True, False, False], [True, True, True, False]]
+    top = rule_mask("topk", s, k=2)
+    assert top.tolist() == [[True, True, False, False], [True, False, True, False]]
+    # an absolute threshold: the second token keeps only its best expert
+    thr = rule_mask("threshold", s, threshold=0.75)
+    assert thr.tolist() == [[True, True, False, False], [False, False, True, False]]
+
+
+def test_per_layer_policies_apply_per_layer():
+    m = converted()
+    pol = {"rule": "threshold", "thresholds": {"0": 0.0, "1": 1e9}}
+    ids = torch.randint(1, 96, (2, 8))
+    with routing(m, pol), collecting(m) as stats, torch.no_grad():
+        m(input_ids=ids)
+    assert stats[0].fraction(8) == 1.0  # threshold 0 runs everything
+    assert stats[1].fraction(8) == 1 / 8  # an unreachable threshold keeps the top expert only
