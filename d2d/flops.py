@@ -72,11 +72,8 @@ def converted_ffn_flops(model: nn.Module, stats: dict[int, LayerStats]) -> float
             total += macs
             continue
         frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
-        router = m.router.macs() if (m.router is not None and _routed(m)) else 0
+        # the router's cost counts only where it runs: router scores, on a policy that can skip
+        runs = m.router is not None and m.scores == "router" and m.routes()
+        router = m.router.macs() if runs else 0
         total += frac * macs + router
     return 2.0 * total
-
-
-def _routed(m: MoEFFN) -> bool:
-    # the router only runs when its scores decide something
-    return m.rule != "all" and not (m.rule == "tau" and m.tau <= 0) and m.scores == "router"

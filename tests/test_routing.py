@@ -128,3 +128,27 @@ def test_per_layer_policies_apply_per_layer():
         m(input_ids=ids)
     assert stats[0].fraction(8) == 1.0  # threshold 0 runs everything
     assert stats[1].fraction(8) == 1 / 8  # an unreachable threshold keeps the top expert only
+
+
+def test_router_cost_counts_only_where_the_router_runs():
+    from d2d.flops import converted_ffn_flops, dense_ffn_macs
+
+    m = converted()
+    ids = torch.randint(1, 96, (2, 8))
+    dense = 2.0 * sum(dense_ffn_macs(m))
+    router = 2.0 * moe_layers(m)[1].router.macs()
+    for pol in (
+        {"rule": "threshold", "thresholds": {"0": 0.0, "1": 0.0}},
+        {"rule": "topk", "fractions": {"0": 1.0, "1": 1.0}},
+    ):
+        with routing(m, pol), collecting(m) as stats, torch.no_grad():
+            m(input_ids=ids)
+            assert converted_ffn_flops(m, stats) == dense  # nothing skipped, no router run
+    with (
+        routing(m, {"rule": "threshold", "thresholds": {"0": 0.0, "1": 1e9}}),
+        collecting(m) as stats,
+        torch.no_grad(),
+    ):
+        m(input_ids=ids)
+        half = dense / 2
+        assert converted_ffn_flops(m, stats) == pytest.approx(half + half / 8 + router)

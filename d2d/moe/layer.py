@@ -138,13 +138,18 @@ class MoEFFN(nn.Module):
             out.append(torch.einsum("nes,des->ned", hc, w.to(hc.dtype)).norm(dim=-1))
         return torch.cat(out) if out else h.new_zeros(0, E)
 
+    def routes(self) -> bool:
+        """Whether the policy can skip an expert; if not, scores (and the router) are not run."""
+        return {
+            "all": False,
+            "tau": self.tau > 0.0,
+            "topk": self.k < self.n_experts,
+            "threshold": self.threshold > 0.0,
+        }.get(self.rule, True)
+
     def select(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         """Boolean [N, E] mask of experts to run, or None for all of them."""
-        if self.rule == "all" or (self.rule == "tau" and self.tau <= 0.0):
-            return None
-        if self.rule == "topk" and self.k >= self.n_experts:
-            return None
-        if self.rule == "threshold" and self.threshold <= 0.0:
+        if not self.routes():
             return None
         if self.scores == "oracle":
             scores = self.expert_norms(h)
