@@ -125,8 +125,13 @@ def _stage_command(name: str):
         out = kw.pop("out", None)
         overwrite = kw.pop("overwrite", False)
         json_out = kw.pop("json_out", None)
+        from d2d.dist import is_main_process
+
         with handled(debug):
             cfg = make_config(name, kw)
+            if not is_main_process():  # under a multi-process launcher, one process reports
+                run_stage(name, inp, cfg, out, overwrite)
+                return
             with RichProgress() as progress:
                 record = run_stage(name, inp, cfg, out, overwrite, progress)
             if json_out is not None:

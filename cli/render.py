@@ -97,9 +97,40 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
     return t
 
 
+def sparsity_table(m: dict) -> Table:
+    """Per layer: fraction of exact zeros and of near zeros (< 1% of the token's max), before
+    and after fine-tuning."""
+    b, a = m["sparsity_before"], m["sparsity_after"]
+    t = Table(title="FFN activation sparsity on held-out tokens (zeros / |a| < 1% of token max)")
+    t.add_column("layer", justify="right")
+    for c in ("zeros before", "zeros after", "near-zero before", "near-zero after"):
+        t.add_column(c, justify="right")
+    for i in b["layers"]:
+        lb, la = b["layers"][i], a["layers"][i]
+        t.add_row(
+            i, _pct(lb["zero"]), _pct(la["zero"]), _pct(lb["near_zero"]), _pct(la["near_zero"])
+        )
+    t.add_row(
+        "mean",
+        _pct(b["zero"]),
+        _pct(a["zero"]),
+        _pct(b["near_zero"]),
+        _pct(a["near_zero"]),
+        style="bold",
+    )
+    return t
+
+
 def print_record(stage: str, rec: dict, out) -> None:
     m = rec.get("metrics", {})
-    if stage == "convert":
+    if stage == "sparsify":
+        console.print(sparsity_table(m))
+        head = " (new head: before = untrained)" if m.get("head") == "new" else ""
+        console.print(
+            f"[bold]sparsify[/]: {m['task']}, {m['tokens_seen']} training tokens; held-out "
+            f"{m['metric']} {m['quality_before']:.4g} -> {m['quality_after']:.4g}{head}"
+        )
+    elif stage == "convert":
         console.print(
             f"[bold]convert[/]: {m['converted_layers']} layers, {m['n_experts']} experts "
             f"of {m['expert_size']} neurons each"

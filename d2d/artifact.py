@@ -192,10 +192,13 @@ def replay(model: nn.Module, meta: dict) -> None:
     """Rebuild the structural changes recorded in the lineage (no weights, no data)."""
     from d2d.moe.convert import build_structure, moe_layers
     from d2d.moe.routers import attach_routers
+    from d2d.sparsify import relufy
 
     for s in meta["stages"]:
         st = s.get("structure") or {}
-        if s["stage"] == "convert":
+        if s["stage"] == "sparsify" and st.get("relu"):
+            relufy(model)
+        elif s["stage"] == "convert":
             build_structure(model, st["layers"], st["n_experts"])
         elif s["stage"] == "train-routers":
             attach_routers(moe_layers(model), st["hidden"])
@@ -216,7 +219,8 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     if not (path / WEIGHTS).is_file():
         raise D2DError(f"{path} has no {WEIGHTS}: the artifact is incomplete, re-run the stage")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    cls = auto_class([meta["base"]["model_class"]])
+    # a stage may have changed the head (sparsify adds a classifier to a bare encoder)
+    cls = auto_class([meta.get("model_class") or meta["base"]["model_class"]])
     # built on the CPU, not the meta device: non-persistent buffers (rotary tables) must be real
     model = cls.from_config(config, trust_remote_code=trust_remote_code).float()
     try:

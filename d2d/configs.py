@@ -14,6 +14,89 @@ LAYER_RULES = ("tau", "threshold", "topk")
 DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
 
 
+TASKS = ("auto", "causal-lm", "classification")
+PENALTIES = ("hoyer", "l1")
+WEIGHT_SCHEDULES = ("linear", "constant")
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class SparsifyConfig:
+    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
+    task: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (from model and data), causal-lm, or classification "
+            "(adds a head to a bare encoder; labels from the data)."
+        },
+    )
+    penalty: str = field(
+        default="hoyer", metadata={"help": "Sparsity penalty: hoyer (square Hoyer) or l1."}
+    )
+    weight: float = field(default=0.01, metadata={"help": "Penalty weight (0: plain fine-tune)."})
+    schedule: str = field(
+        default="linear", metadata={"help": "Penalty weight schedule: linear warm-up or constant."}
+    )
+    weight_warmup: float = field(
+        default=0.2, metadata={"help": "Fraction of steps to reach the full penalty weight."}
+    )
+    relu: bool = field(
+        default=False,
+        metadata={"help": "Swap the FFN activation for ReLU first (exact zeros)."},
+    )
+    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per optimizer step."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
+    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    warmup: float = field(default=0.05, metadata={"help": "Fraction of steps of lr warm-up."})
+    decay: str = field(default="cosine", metadata={"help": "lr decay: cosine, linear, constant."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    clip: float = field(default=1.0, metadata={"help": "Gradient norm clip (0: off)."})
+    eval_every: int = field(
+        default=0, metadata={"help": "Held-out evaluation every N steps (0: at the end only)."}
+    )
+    eval_tokens: int = field(default=8192, metadata={"help": "Held-out tokens per evaluation."})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "Checkpoint every N steps, for --resume (0: none)."}
+    )
+    checkpoint_dir: str = field(
+        default="", metadata={"help": "Checkpoint folder (default: OUT.checkpoints beside OUT)."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the latest checkpoint."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast where supported."})
+    seed: int = field(default=0, metadata={"help": "Seed of data split, order and init."})
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("task", TASKS),
+            ("penalty", PENALTIES),
+            ("schedule", WEIGHT_SCHEDULES),
+            ("decay", LR_DECAYS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise D2DError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.weight < 0:
+            raise D2DError(f"weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight_warmup <= 1 or not 0 <= self.warmup < 1:
+            raise D2DError("weight-warmup must be in [0, 1] and warmup in [0, 1)")
+        for name in ("steps", "batch_size", "grad_accum", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise D2DError(f"seq-len must be >= 2, got {self.seq_len}")
+        if self.batch_size % self.grad_accum:
+            raise D2DError(
+                f"batch-size {self.batch_size} is not a multiple of grad-accum {self.grad_accum}"
+            )
+        if not self.lr > 0 or self.clip < 0 or self.weight_decay < 0:
+            raise D2DError("lr must be > 0, clip and weight-decay >= 0")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise D2DError("eval-every and checkpoint-every must be >= 0")
+
+
 @dataclass
 class ConvertConfig:
     n_experts: int | None = field(

@@ -17,7 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from d2d.configs import CalibrateConfig, ConvertConfig, EvalConfig, TrainRoutersConfig
+from d2d.configs import (
+    CalibrateConfig,
+    ConvertConfig,
+    EvalConfig,
+    SparsifyConfig,
+    TrainRoutersConfig,
+)
+from d2d.dist import is_main_process
 from d2d.errors import D2DError
 from d2d.progress import Progress, null_progress
 
@@ -25,6 +32,12 @@ if TYPE_CHECKING:
     from d2d.artifact import Artifact
 
 # stage functions import torch and friends when called: `d2d --help` stays fast
+
+
+def _sparsify(art: Artifact, cfg: SparsifyConfig, progress: Progress, out=None):
+    from d2d.sparsify import sparsify
+
+    return sparsify(art, cfg, progress, out)
 
 
 def _convert(art: Artifact, cfg: ConvertConfig, progress: Progress):
@@ -110,11 +123,22 @@ class Stage:
     requires: tuple[str, ...] = ()
     writes_artifact: bool = True
     help: str = ""
+    takes_out: bool = False  # the stage writes beside its output (checkpoints)
+    before: tuple[str, ...] = ()  # stages that must not have run yet
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
+        Stage(
+            "sparsify",
+            SparsifyConfig,
+            _sparsify,
+            (),
+            help="Fine-tune with a sparsity penalty on FFN activations (before convert).",
+            takes_out=True,
+            before=("convert",),
+        ),
         Stage(
             "convert",
             ConvertConfig,
@@ -224,10 +248,16 @@ def run_stage(
 
     art = input if isinstance(input, Artifact) else open_input(input)
     art.require(*spec.requires, for_stage=stage)
+    for later in spec.before:
+        if art.has_stage(later):
+            raise D2DError(
+                f"{stage} must come before {later}: run it on the model before d2d {later}"
+            )
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     with PeakMemory() as mem:
-        metrics, structure = spec.run(art, cfg, progress)
+        kw = {"out": out} if spec.takes_out else {}
+        metrics, structure = spec.run(art, cfg, progress, **kw)
     record = {
         "stage": stage,
         "config": asdict(cfg),
@@ -242,6 +272,7 @@ def run_stage(
         record["structure"] = structure
     if spec.writes_artifact:
         art.meta = {**art.meta, "stages": [*art.stages, record]}
-        save(art, out, overwrite)
+        if is_main_process():  # under a multi-process launcher, one process writes
+            save(art, out, overwrite)
         art.path = Path(out)
     return record
