@@ -7,6 +7,7 @@ so that the command line starts fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from d2d.errors import D2DError
 
@@ -95,6 +96,15 @@ class SparsifyConfig:
             raise D2DError("lr must be > 0, clip and weight-decay >= 0")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise D2DError("eval-every and checkpoint-every must be >= 0")
+
+    def checkpoints(self, out) -> str | None:
+        """The checkpoint folder: --checkpoint-dir, else OUT.checkpoints beside the output."""
+        if self.checkpoint_dir:
+            return self.checkpoint_dir
+        if out is None:
+            return None
+        out = Path(out)
+        return str(out.parent / f"{out.name}.checkpoints")
 
 
 @dataclass

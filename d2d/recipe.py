@@ -1,9 +1,10 @@
 """Recipes: an ordered list of stages with their options, in YAML.
 
-    model: smollm2-135m        # INPUT of the first stage
+    model: minilm-l6           # INPUT of the first stage
     data: bbc-news             # default --data of every stage that reads data
     out: runs/quickstart       # stage i writes out/<i>-<stage>; eval writes out/eval.json
     stages:
+      - sparsify: {steps: 300}   # optional; resumes from its checkpoints after a crash
       - convert: {expert_size: 16}
       - train-routers: {steps: 300}
       - calibrate: {}
@@ -103,6 +104,8 @@ def run_recipe(
                 current = str(target)
                 continue
             raise D2DError(f"{target} exists with another config: pass --force to redo it")
+        if target is not None and not force and _has_checkpoint(cfg, target):
+            cfg.resume = True  # an interrupted training stage continues where it stopped
         rec = run_stage(name, current, cfg, target, overwrite=force, progress=progress)
         if not spec.writes_artifact:
             write_json_atomic(out / f"{i}-{name}.json", rec)
@@ -117,10 +120,20 @@ def run_recipe(
     return records
 
 
+def _has_checkpoint(cfg, target: Path) -> bool:
+    from d2d.train import latest_checkpoint
+
+    if not getattr(cfg, "checkpoint_every", 0) or not hasattr(cfg, "checkpoints"):
+        return False
+    return latest_checkpoint(Path(cfg.checkpoints(target))) is not None
+
+
 def _matches(target: Path, name: str, cfg: dict) -> bool:
     try:
         meta = read_meta(target)
     except D2DError:
         return False
     last = meta["stages"][-1] if meta["stages"] else {}
-    return last.get("stage") == name and last.get("config") == cfg and (target / META).exists()
+    done = {k: v for k, v in (last.get("config") or {}).items() if k != "resume"}
+    want = {k: v for k, v in cfg.items() if k != "resume"}  # a resumed run is the same run
+    return last.get("stage") == name and done == want and (target / META).exists()

@@ -97,6 +97,28 @@ def tapped(model: nn.Module):
             h.remove()
 
 
+@contextmanager
+def neuron_oracle(model: nn.Module, keep: float):
+    """Keep only each token's `keep` fraction of FFN neurons with the largest |a| (the rest
+    become zero): the quality an ideal router could reach at that fraction of FFN FLOPs."""
+    fam = arch.detect(model)
+    handles = []
+
+    def hook(mod, args):
+        a = args[0]
+        k = max(1, round(keep * a.shape[-1]))
+        idx = a.abs().topk(k, dim=-1).indices
+        return (torch.zeros_like(a).scatter(-1, idx, a.gather(-1, idx)),) + args[1:]
+
+    for block in arch.blocks(model, fam):
+        handles.append(arch.get_path(block, fam.w_out).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def relufy(model: nn.Module) -> None:
     """Swap every FFN activation for ReLU (gated FFNs: the gate's activation)."""
     fam = arch.detect(model)
@@ -284,9 +306,12 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
 
     def evaluate(m):
         q = ev.measure(m, {"rule": "all"}).quality
+        with neuron_oracle(m, 0.5):
+            q_half = ev.measure(m, {"rule": "all"}).quality
         sp = measure_sparsity(m, ev.batches, cfg.bf16)
         return {
             "quality": q,
+            "quality_top50": q_half,
             "near_zero": mean_sparsity(sp, "near_zero"),
             "zero": mean_sparsity(sp, "zero"),
             "layers": sp,
@@ -309,7 +334,7 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
         bf16=cfg.bf16,
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
-        checkpoint_dir=checkpoint_dir(cfg, out),
+        checkpoint_dir=cfg.checkpoints(out),
         resume=cfg.resume,
     )
     fingerprint = {k: v for k, v in vars(cfg).items() if k != "resume"}
@@ -326,6 +351,8 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
         "metric": ev.metric,
         "quality_before": before["quality"],
         "quality_after": after["quality"],
+        "quality_top50_before": before["quality_top50"],
+        "quality_top50_after": after["quality_top50"],
         "head": "new" if "num_labels" in structure else "kept",
         "tokens_seen": cfg.steps * cfg.batch_size * per_seq,
         "train_examples": st.n_examples,
@@ -337,17 +364,6 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
         "resumed_from": result.resumed_from,
     }
     return metrics, structure
-
-
-def checkpoint_dir(cfg: SparsifyConfig, out) -> str | None:
-    if cfg.checkpoint_dir:
-        return cfg.checkpoint_dir
-    if out is None:
-        return None
-    from pathlib import Path
-
-    out = Path(out)
-    return str(out.parent / f"{out.name}.checkpoints")
 
 
 def _thin(rows: list[dict], n: int) -> list[dict]:

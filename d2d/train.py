@@ -111,7 +111,10 @@ def _fingerprint(cfg: LoopConfig, extra: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The latest complete checkpoint in `folder` (None when there is none)."""
+    if not folder.is_dir():
+        return None
     done = [p for p in folder.glob("step-*") if (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -216,7 +219,7 @@ def train(
     start = 0
     ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if cfg.resume:
-        latest = _latest_checkpoint(ckpt_dir) if ckpt_dir and ckpt_dir.is_dir() else None
+        latest = latest_checkpoint(ckpt_dir) if ckpt_dir else None
         if latest is None:
             raise D2DError(
                 f"--resume found no checkpoint in {ckpt_dir}: run without --resume to start"

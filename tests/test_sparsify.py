@@ -211,3 +211,22 @@ def test_measure_sparsity_reports_every_layer(model_dirs):
     sp = measure_sparsity(model, batches, bf16=False)
     assert set(sp) == {"0", "1"}
     assert all(0 < v["zero"] <= v["near_zero"] <= 1 for v in sp.values())
+
+
+def test_neuron_oracle_keeps_the_largest_activations():
+    from tiny import outputs, tiny
+
+    from d2d.sparsify import neuron_oracle
+
+    model = tiny("gpt2")
+    ids = torch.randint(1, 90, (2, 12))
+    dense = outputs(model, ids)
+    with neuron_oracle(model, 1.0):
+        torch.testing.assert_close(outputs(model, ids), dense)
+    with neuron_oracle(model, 0.25), tapped(model) as acts:
+        half = outputs(model, ids)
+    assert not torch.allclose(half, dense)
+    # the tap, registered after the oracle, sees what the down projection receives:
+    # a quarter of the 128 neurons of each token
+    assert len(acts) == 2
+    assert all(int((a != 0).sum(-1).max()) == 32 for a in acts)
