@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2d.configs import CalibrateConfig, parse_rules, parse_taus
+from d2d.configs import DEFAULT_BUDGETS as DEFAULT_BUDGETS_SPEC
+from d2d.configs import CalibrateConfig, parse_budgets, parse_rules, parse_taus
 from d2d.errors import D2DError
 from d2d.evaluate import Evaluator, Measurement, quality_drop
 from d2d.moe.convert import moe_layers
@@ -53,7 +54,7 @@ LAYER_GRID = np.array(
         1.0,
     ]
 )
-DEFAULT_BUDGETS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+DEFAULT_BUDGETS = tuple(parse_budgets(DEFAULT_BUDGETS_SPEC))
 
 
 def _row(rule: str, policy: dict, m: Measurement, dense_q: float, metric: str) -> dict:
@@ -320,9 +321,10 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer:
         sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
-        budgets = sorted(
-            set(DEFAULT_BUDGETS) | ({cfg.target_flops} if cfg.target_flops else set()), reverse=True
-        )
+        budgets = set(parse_budgets(cfg.budgets))
+        if cfg.target_flops:
+            budgets.add(cfg.target_flops)
+        budgets = sorted(budgets, reverse=True)
         for rule in parse_rules(cfg.layer_rules):
             table = sens.table(rule)
             for j, b in enumerate(budgets):

@@ -13,6 +13,7 @@ from d2d.errors import D2DError
 
 LAYER_RULES = ("tau", "threshold", "topk")
 DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
+DEFAULT_BUDGETS = "0.95,0.9,0.85,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
 
 
 TASKS = ("auto", "causal-lm", "classification")
@@ -188,6 +189,17 @@ def parse_taus(spec: str) -> list[float]:
     return taus
 
 
+def parse_budgets(spec: str) -> list[float]:
+    """FFN FLOPs budgets (fractions in (0, 1]), largest first."""
+    try:
+        out = sorted({float(b) for b in str(spec).split(",") if b.strip()}, reverse=True)
+    except ValueError:
+        raise D2DError(f"bad budget list {spec!r}: use fractions like 0.9,0.5,0.2") from None
+    if not out or not all(0.0 < b <= 1.0 for b in out):
+        raise D2DError(f"budgets must be fractions in (0, 1], got {spec!r}")
+    return out
+
+
 def parse_rules(spec: str) -> list[str]:
     rules = [r.strip() for r in str(spec).split(",") if r.strip()]
     bad = [r for r in rules if r not in LAYER_RULES]
@@ -220,6 +232,10 @@ class CalibrateConfig:
             "norm), topk (fixed k per layer)."
         },
     )
+    budgets: str = field(
+        default=DEFAULT_BUDGETS,
+        metadata={"help": "FFN FLOPs budgets of the per-layer rules, comma-separated."},
+    )
     dense_sink: int = field(
         default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
     )
@@ -234,6 +250,7 @@ class CalibrateConfig:
     def __post_init__(self):
         parse_taus(self.taus)
         parse_rules(self.layer_rules)
+        parse_budgets(self.budgets)
         if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
             raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
         if self.max_quality_drop is not None and self.max_quality_drop < 0:
