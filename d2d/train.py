@@ -16,6 +16,7 @@ several processes or GPUs. What d2d adds:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -88,14 +89,19 @@ def step_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
     """The global batch of optimizer step `step`: consecutive slots of a stream of seeded
     per-epoch permutations of range(n)."""
     start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        pos = start + len(out)
-        epoch, offset = divmod(pos, n)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
+    parts, got = [], 0
+    while got < batch_size:
+        epoch, offset = divmod(start + got, n)
+        part = _permutation(n, seed, epoch)[offset : offset + batch_size - got]
+        parts.append(part)
+        got += len(part)
+    return torch.cat(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
 
 
 def shard(indices: torch.Tensor, micro: int, grad_accum: int, rank: int, n_proc: int):

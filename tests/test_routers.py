@@ -1,7 +1,10 @@
+import copy
+
+import pytest
 import torch
 
 from d2d.moe.layer import Router
-from d2d.moe.routers import TrainRoutersConfig, router_metrics, train_router
+from d2d.moe.routers import TrainRoutersConfig, router_metrics, train_router_set
 
 
 def test_router_training_reduces_loss_and_learns_norms():
@@ -13,7 +16,7 @@ def test_router_training_reduces_loss_and_learns_norms():
     with torch.no_grad():
         before = float(((router(x) - y) ** 2).mean())
     cfg = TrainRoutersConfig(steps=400, batch_size=256, lr=3e-3)
-    train_router(router, x, y, cfg, lambda *a, **k: None, "t")
+    train_router_set({"0": router}, {"0": (x, y)}, cfg)
     with torch.no_grad():
         after = float(((router(x) - y) ** 2).mean())
         met = router_metrics(router(x), y)
@@ -31,3 +34,19 @@ def test_router_metrics_perfect_and_useless():
 def test_router_output_is_non_negative():
     r = Router(8, 4, 8)
     assert (r(torch.randn(50, 8) * 100) >= 0).all()
+
+
+def test_routers_trained_together_equal_routers_trained_alone():
+    """The loop sums the layers' losses; routers share no parameters, so each ends where it
+    would have alone (same seed, same data order)."""
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(512, 16), torch.randn(512, 16)
+    y1, y2 = (x1 @ torch.randn(16, 6)).abs(), (x2 @ torch.randn(16, 6)).abs()
+    a, b = Router(16, 6, hidden=8), Router(16, 6, hidden=8)
+    alone = copy.deepcopy(a)
+    cfg = TrainRoutersConfig(steps=50, batch_size=64, lr=3e-3)
+    both = train_router_set({"0": a, "1": b}, {"0": (x1, y1), "1": (x2, y2)}, cfg)
+    one = train_router_set({"0": alone}, {"0": (x1, y1)}, cfg)
+    assert both["0"] == pytest.approx(one["0"], rel=1e-5)
+    for p, q in zip(a.parameters(), alone.parameters(), strict=True):
+        torch.testing.assert_close(p, q)

@@ -7,7 +7,7 @@ that cache, and judged on held-out tokens.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,33 +83,65 @@ def router_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict:
     }
 
 
-def train_router(
-    router: Router,
-    x: torch.Tensor,
-    y: torch.Tensor,
+@dataclass
+class _RoutersTask:
+    """Regression of expert output norms from FFN inputs, every layer at once, for the shared
+    training loop. Routers share no parameters, so the summed loss trains each one exactly as
+    its own MSE would."""
+
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (inputs [N, d], norms [N, E])
+
+    @property
+    def n_examples(self) -> int:
+        return min(int(x.shape[0]) for x, _ in self.data.values())
+
+    def batch(self, indices: torch.Tensor) -> dict:
+        out = {}
+        for i, (x, y) in self.data.items():
+            out[f"x{i}"], out[f"y{i}"] = x[indices].float(), y[indices]
+        return out
+
+    def loss(self, routers, batch, step):
+        losses = {i: F.mse_loss(r(batch[f"x{i}"]), batch[f"y{i}"]) for i, r in routers.items()}
+        total = torch.stack(list(losses.values())).sum()
+        logs = {f"loss_{i}": float(v.detach()) for i, v in losses.items()}
+        logs["loss"] = float(total.detach()) / len(losses)
+        return total, logs
+
+    def evaluate(self, routers) -> dict:
+        return {}
+
+
+def train_router_set(
+    routers: dict[str, Router],
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainRoutersConfig,
-    progress: Progress,
-    task: str,
-) -> float:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():  # start at the mean norm of each expert
-        m = y.mean(0).clamp_min(1e-4)
-        router.fc2.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1, overflow-free
-    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=0.0)
-    n = x.shape[0]
-    loss = torch.tensor(float("nan"))
-    for step in range(cfg.steps):
-        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-        loss = F.mse_loss(router(x[idx].float()), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            progress(task, step + 1, cfg.steps, loss=float(loss.detach()))
-    return float(loss.detach())
+    progress: Progress = null_progress,
+) -> dict[str, float]:
+    """Fit every router by MSE on its layer's cache, on the shared training loop (AdamW,
+    cosine decay, no warm-up, fp32). Returns each router's last training loss."""
+    from torch import nn
+
+    from d2d.train import LoopConfig, train
+
+    for i, r in routers.items():
+        with torch.no_grad():  # start at the mean norm of each expert
+            m = data[i][1].mean(0).clamp_min(1e-4)
+            r.fc2.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1, overflow-free
+    task = _RoutersTask(data)
+    loop = LoopConfig(
+        steps=cfg.steps,
+        batch_size=min(cfg.batch_size, task.n_examples),
+        lr=cfg.lr,
+        warmup=0.0,
+        decay="cosine",
+        clip=0.0,
+        seed=cfg.seed,
+        bf16=False,
+    )
+    result = train(nn.ModuleDict(routers), task, loop, progress, label="training routers")
+    last = result.history[-1]
+    return {i: last[f"loss_{i}"] for i in routers}
 
 
 def train_routers(
@@ -142,14 +174,15 @@ def train_routers(
         cfg.skip_positions,
     )
     attach_routers(moes, cfg.hidden)
+    routers = {str(i): m.router for i, m in moes.items()}
+    finals = train_router_set(routers, {str(i): v for i, v in train.items()}, cfg, progress)
+    del train
     per_layer = {}
     for i, m in moes.items():
-        x, y = train.pop(i)
-        final = train_router(m.router, x, y, cfg, progress, f"training router {i}")
         with torch.no_grad():
             hx, hy = held[i]
             met = router_metrics(m.router(hx.float()), hy)
-        per_layer[str(i)] = {"train_mse": final, **met}
+        per_layer[str(i)] = {"train_mse": finals[str(i)], **met}
     for p in model.parameters():
         p.requires_grad_(True)
     vals = list(per_layer.values())
