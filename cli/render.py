@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -27,23 +28,39 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
+        # without a terminal (a log file, CI) live bars are not drawn: print a plain line per
+        # task every LOG_EVERY seconds and when it completes
+        self._plain = not console.is_terminal
+        self._last: dict[str, float] = {}
+
+    LOG_EVERY = 30.0
 
     def __enter__(self):
-        self._p.start()
+        if not self._plain:
+            self._p.start()
         return self
 
     def __exit__(self, *exc):
-        self._p.stop()
+        if not self._plain:
+            self._p.stop()
         return False
 
     def pause(self):
-        self._p.stop()
+        if not self._plain:
+            self._p.stop()
 
     def resume(self):
-        self._p.start()
+        if not self._plain:
+            self._p.start()
 
     def __call__(self, task: str, completed: int, total: int, **info: float) -> None:
         text = "  ".join(f"{k}={v:.4g}" for k, v in info.items())
+        if self._plain:
+            now = time.monotonic()
+            if completed >= total or now - self._last.get(task, -1e9) >= self.LOG_EVERY:
+                self._last[task] = now
+                console.print(f"{task}: {completed}/{total} {text}", highlight=False)
+            return
         if task not in self._tasks:
             self._tasks[task] = self._p.add_task(task, total=total, info=text)
         self._p.update(self._tasks[task], completed=completed, total=total, info=text)
