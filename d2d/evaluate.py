@@ -50,6 +50,15 @@ def batches_for(
     return out
 
 
+def forward(model, batch: dict, bf16: bool):
+    """No-grad forward of a batch (keys ending in "_" are not model inputs) on the model's
+    device, under bf16 autocast when asked."""
+    device = next(model.parameters()).device
+    kw = {k: v.to(device) for k, v in batch.items() if not k.endswith("_")}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(**kw)
+
+
 def quality_drop(metric: str, q: float, q_dense: float) -> float:
     """Relative loss of quality (0 = as dense, 0.05 = 5% worse)."""
     if HIGHER_IS_BETTER[metric]:
@@ -90,13 +99,11 @@ class Evaluator:
         self._reference: list[torch.Tensor] | None = None
 
     def _forward(self, model, b):
-        kw = {k: v for k, v in b.items() if not k.endswith("_")}
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return model(**kw)
+        return forward(model, b, self.bf16)
 
     @staticmethod
     def pooled(out, mask):
-        h = out.last_hidden_state.float()
+        h = out.last_hidden_state.float().cpu()
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
@@ -117,7 +124,7 @@ class Evaluator:
             for j, b in enumerate(self.batches):
                 out = self._forward(model, b)
                 if self.task == "causal-lm":
-                    logits = out.logits[:, :-1].float()
+                    logits = out.logits[:, :-1].float().cpu()
                     tgt = b["input_ids"][:, 1:]
                     nll += float(
                         F.cross_entropy(
@@ -126,7 +133,7 @@ class Evaluator:
                     )
                     count += tgt.numel()
                 elif self.task == "classification":
-                    correct += int((out.logits.argmax(-1) == b["labels_"]).sum())
+                    correct += int((out.logits.argmax(-1).cpu() == b["labels_"]).sum())
                     count += len(b["labels_"])
                 else:
                     p = self.pooled(out, b["attention_mask"])

@@ -26,6 +26,7 @@ from d2d.configs import SparsifyConfig
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.dist import is_main_process
 from d2d.errors import D2DError
+from d2d.evaluate import forward
 from d2d.models import task_of
 from d2d.progress import Progress, null_progress
 
@@ -148,10 +149,10 @@ def measure_sparsity(model: nn.Module, batches: list[dict], bf16: bool) -> dict:
     """{layer: {"zero": fraction of exact zeros, "near_zero": fraction < 1% of the token max}}."""
     totals = None
     for b in batches:
-        kw = {k: v for k, v in b.items() if not k.endswith("_")}
-        with tapped(model) as acts, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(**kw)
-        stats = sparsity_stats(acts, kw.get("attention_mask"))
+        with tapped(model) as acts:
+            forward(model, b, bf16)
+        mask = b.get("attention_mask")
+        stats = sparsity_stats(acts, None if mask is None else mask.to(acts[0].device))
         if totals is None:
             totals = stats
         else:
