@@ -8,6 +8,7 @@ first point. Plain models (e.g. the original checkpoint) can be added as dense r
         --artifact baseline=runs/smollm2-ft0/3-calibrate --dense original=smollm2-135m \\
         --json docs/curves.json --png docs/curves.png --at 0.5
 
+--calibration-split plots the rows that calibrate measured instead (no forward passes).
 Prints a markdown table; --at F also prints each curve's quality at F of the FFN FLOPs
 (linear interpolation between the two measured neighbours).
 """
@@ -28,6 +29,43 @@ def _pairs(items):
             sys.exit(f"error: {it!r} is not LABEL=PATH")
         out.append((label, path))
     return out
+
+
+def from_calibration(args) -> dict:
+    """The curves as calibrate measured them (calibration split), without running anything."""
+    from d2d.artifact import read_meta
+
+    curves, metric = [], None
+    for label, path in _pairs(args.artifact):
+        cal = read_meta(Path(path)).get("calibration")
+        if not cal:
+            sys.exit(f"error: {path} is not calibrated: run d2d calibrate on it first")
+        metric = cal["metric"]
+        rules = {r["rule"] for r in cal["rows"] if r["rule"] != "dense"}
+        wanted = set(args.rules.split(",")) if args.rules else rules
+        for rule in sorted(rules & wanted):
+            points = [
+                {"ffn": 1.0, "model": 1.0, "quality": cal["dense_quality"], "setting": "dense"}
+            ]
+            for r in cal["rows"]:
+                if r["rule"] == rule:
+                    points.append(
+                        {
+                            "ffn": r["ffn_fraction"],
+                            "model": r["model_fraction"],
+                            "quality": r["quality"],
+                            "setting": r.get("budget", r["policy"].get("tau")),
+                        }
+                    )
+            points.sort(key=lambda p: -p["ffn"])
+            curves.append({"label": label, "rule": rule, "path": path, "points": points})
+    return {
+        "metric": metric,
+        "split": "calib",
+        "tokens": cal["tokens"],
+        "curves": curves,
+        "dense": [],
+    }
 
 
 def measure(args) -> dict:
@@ -80,6 +118,7 @@ def measure(args) -> dict:
         )
     return {
         "metric": metric,
+        "split": "heldout",
         "data": args.data,
         "tokens": args.tokens,
         "seq_len": args.seq_len,
@@ -137,7 +176,8 @@ def plot(res: dict, png: str, at_frac: float | None) -> None:
     if at_frac is not None:
         ax.axvline(100 * at_frac, ls=":", lw=1, color="black")
     ax.set_xlabel("FFN FLOPs (% of dense)")
-    ax.set_ylabel(f"held-out {res['metric']}")
+    split = {"calib": "calibration-split", "heldout": "held-out"}.get(res.get("split"), "")
+    ax.set_ylabel(f"{split} {res['metric']}")
     if res["metric"] == "perplexity":
         ax.set_yscale("log")
     ax.set_xlim(0, 102)
@@ -160,8 +200,18 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     ap.add_argument("--from-json", default=None, help="re-render a saved --json result")
+    ap.add_argument(
+        "--calibration-split",
+        action="store_true",
+        help="plot the rows calibrate measured (calibration split) instead of re-measuring",
+    )
     args = ap.parse_args()
-    res = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args)
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    elif args.calibration_split:
+        res = from_calibration(args)
+    else:
+        res = measure(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     if args.png:
