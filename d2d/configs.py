@@ -6,7 +6,7 @@ so that the command line starts fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from d2d.errors import D2DError
@@ -20,6 +20,43 @@ TASKS = ("auto", "causal-lm", "classification")
 PENALTIES = ("hoyer", "l1")
 WEIGHT_SCHEDULES = ("linear", "constant")
 LR_DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class LoopConfig:
+    """What the shared training loop (d2d/train.py) needs; stages build it from their config."""
+
+    steps: int
+    batch_size: int  # examples per optimizer step, over all processes and micro-batches
+    lr: float
+    grad_accum: int = 1
+    warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up
+    decay: str = "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.clip < 0 or self.weight_decay < 0:
+            raise D2DError("lr must be > 0, clip and weight-decay >= 0")
+        if self.decay not in LR_DECAYS:
+            raise D2DError(f"decay must be one of {', '.join(LR_DECAYS)}, got {self.decay!r}")
+        if not 0 <= self.warmup < 1:
+            raise D2DError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.batch_size % self.grad_accum:
+            raise D2DError(
+                f"batch-size {self.batch_size} is not a multiple of grad-accum {self.grad_accum}"
+            )
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise D2DError("eval-every and checkpoint-every must be >= 0")
 
 
 @dataclass
@@ -74,7 +111,6 @@ class SparsifyConfig:
             ("task", TASKS),
             ("penalty", PENALTIES),
             ("schedule", WEIGHT_SCHEDULES),
-            ("decay", LR_DECAYS),
         ):
             if getattr(self, name) not in allowed:
                 raise D2DError(
@@ -82,21 +118,21 @@ class SparsifyConfig:
                 )
         if self.weight < 0:
             raise D2DError(f"weight must be >= 0, got {self.weight}")
-        if not 0 <= self.weight_warmup <= 1 or not 0 <= self.warmup < 1:
-            raise D2DError("weight-warmup must be in [0, 1] and warmup in [0, 1)")
-        for name in ("steps", "batch_size", "grad_accum", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.weight_warmup <= 1:
+            raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
+        if self.eval_tokens < 1:
+            raise D2DError(f"eval-tokens must be >= 1, got {self.eval_tokens}")
         if self.seq_len < 2:
             raise D2DError(f"seq-len must be >= 2, got {self.seq_len}")
-        if self.batch_size % self.grad_accum:
-            raise D2DError(
-                f"batch-size {self.batch_size} is not a multiple of grad-accum {self.grad_accum}"
-            )
-        if not self.lr > 0 or self.clip < 0 or self.weight_decay < 0:
-            raise D2DError("lr must be > 0, clip and weight-decay >= 0")
-        if self.eval_every < 0 or self.checkpoint_every < 0:
-            raise D2DError("eval-every and checkpoint-every must be >= 0")
+        self.loop(None)  # the training loop's own checks
+
+    def loop(self, out) -> LoopConfig:
+        """The training loop's settings: the fields both configs share, and the checkpoint
+        folder for output `out`."""
+        shared = {
+            f.name: getattr(self, f.name) for f in fields(LoopConfig) if hasattr(self, f.name)
+        }
+        return LoopConfig(**{**shared, "checkpoint_dir": self.checkpoints(out)})
 
     def checkpoints(self, out) -> str | None:
         """The checkpoint folder: --checkpoint-dir, else OUT.checkpoints beside the output."""
@@ -151,7 +187,9 @@ class TrainRoutersConfig:
     data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
     tokens: int = field(default=32768, metadata={"help": "Training tokens to capture."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
-    steps: int = field(default=1500, metadata={"help": "Optimizer steps per layer."})
+    steps: int = field(
+        default=1500, metadata={"help": "Optimizer steps (every layer's router takes each)."}
+    )
     batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
     hidden: int = field(default=64, metadata={"help": "Router hidden width."})

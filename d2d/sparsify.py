@@ -280,7 +280,7 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
     """Fine-tune art.model (replaced when a head is added). Returns (metrics, structure)."""
     from d2d.evaluate import Evaluator
     from d2d.moe.convert import moe_layers
-    from d2d.train import LoopConfig, remove_checkpoints, train
+    from d2d.train import remove_checkpoints, train
 
     if moe_layers(art.model):
         raise D2DError("sparsify runs on a dense model: sparsify first, then d2d convert")
@@ -322,22 +322,7 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
     before = evaluate(model) if main else None
     if main:
         progress("held-out before", 1, 1, quality=before["quality"])
-    loop = LoopConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        grad_accum=cfg.grad_accum,
-        warmup=cfg.warmup,
-        decay=cfg.decay,
-        weight_decay=cfg.weight_decay,
-        clip=cfg.clip,
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-        eval_every=cfg.eval_every,
-        checkpoint_every=cfg.checkpoint_every,
-        checkpoint_dir=cfg.checkpoints(out),
-        resume=cfg.resume,
-    )
+    loop = cfg.loop(out)
     fingerprint = {k: v for k, v in vars(cfg).items() if k != "resume"}
     fingerprint["source"] = art.meta["base"]["source"]
     st = SparsifyTask(task, inputs, cfg, evaluate)

@@ -28,42 +28,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from d2d.configs import LR_DECAYS as DECAYS
+from d2d.configs import LoopConfig
 from d2d.dist import is_main_process
 from d2d.errors import D2DError
 from d2d.progress import Progress, null_progress
-
-
-@dataclass
-class LoopConfig:
-    steps: int
-    batch_size: int  # examples per optimizer step, over all processes and micro-batches
-    lr: float
-    grad_accum: int = 1
-    warmup: float = 0.05  # fraction of steps with a linear learning-rate warm-up
-    decay: str = "cosine"
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    seed: int = 0
-    bf16: bool = True
-    eval_every: int = 0  # 0: evaluate at the end only
-    checkpoint_every: int = 0  # 0: no checkpoints
-    checkpoint_dir: str | None = None
-    resume: bool = False
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise D2DError("steps, batch-size and grad-accum must be >= 1")
-        if not self.lr > 0:
-            raise D2DError(f"lr must be > 0, got {self.lr}")
-        if self.decay not in DECAYS:
-            raise D2DError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
-        if not 0 <= self.warmup < 1:
-            raise D2DError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.batch_size % self.grad_accum:
-            raise D2DError(
-                f"batch-size {self.batch_size} is not a multiple of grad-accum {self.grad_accum}"
-            )
 
 
 class Task(Protocol):

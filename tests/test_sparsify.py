@@ -230,3 +230,18 @@ def test_neuron_oracle_keeps_the_largest_activations():
     # a quarter of the 128 neurons of each token
     assert len(acts) == 2
     assert all(int((a != 0).sum(-1).max()) == 32 for a in acts)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"decay": "step"}, "decay must be one of"),
+        ({"batch_size": 5, "grad_accum": 2}, "not a multiple of grad-accum"),
+        ({"warmup": 1.0}, "warmup is a fraction"),
+        ({"weight_warmup": 1.5}, "weight-warmup"),
+        ({"penalty": "l2"}, "penalty must be one of"),
+    ],
+)
+def test_bad_options_are_refused_when_the_config_is_built(bad, match):
+    with pytest.raises(D2DError, match=match):
+        SparsifyConfig(**bad)

@@ -122,7 +122,8 @@ def train_router_set(
     cosine decay, no warm-up, fp32). Returns each router's last training loss."""
     from torch import nn
 
-    from d2d.train import LoopConfig, train
+    from d2d.configs import LoopConfig
+    from d2d.train import train
 
     for i, r in routers.items():
         with torch.no_grad():  # start at the mean norm of each expert
