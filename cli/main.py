@@ -179,5 +179,58 @@ def run(
         run_recipe(recipe, overrides or [], force, progress, on_stage)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    artifact: Path = typer.Argument(..., help="A d2d artifact (or an HF model folder)."),
+    json_out: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--json", help="Also write the summary to this file."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """What an artifact is: base model, stages, experts, routers, routing, calibration, size."""
+    from d2d_cli.render import print_inspect
+
+    from d2d.artifact import write_json_atomic
+    from d2d.inspect import describe
+
+    with handled(debug):
+        d = describe(artifact)
+        if json_out is not None:
+            write_json_atomic(json_out, d)
+        print_inspect(d)
+
+
+@app.command("report")
+def report_cmd(
+    artifact: Path = typer.Argument(..., help="A d2d artifact."),
+    out: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--out", "-o", help="Report folder (default: ARTIFACT-report beside it)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    tau: Optional[float] = typer.Option(  # noqa: UP045
+        None, "--tau", help="Show expert usage at this global tau instead of the chosen routing."
+    ),
+    data: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--data", help="Data to measure expert usage on (default: calibrate's)."
+    ),
+    tokens: int = typer.Option(16384, "--tokens", help="Tokens to measure expert usage on."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """An HTML page (one self-contained file) and PNG figures: cost-quality curve, expert
+    usage, experts per token, sparsity, lineage."""
+    from d2d.report import build_report
+
+    out = out if out is not None else artifact.parent / f"{artifact.name}-report"
+    with handled(debug), RichProgress() as progress:
+        rec = build_report(artifact, out, overwrite, tau, data, tokens, progress)
+    for n in rec["notes"]:
+        console.print(f"[yellow]note:[/] {n}", highlight=False)
+    console.print(
+        f"report: {len(rec['figures'])} figures ({', '.join(rec['figures'])}) -> "
+        f"{Path(rec['out']) / 'index.html'}",
+        highlight=False,
+    )
+
+
 def main():  # pragma: no cover - console entry point
     sys.exit(app())

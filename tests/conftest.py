@@ -59,3 +59,43 @@ def text_dir(tmp_path):
             text = " ".join(rng.choice(vocab) for _ in range(60 + rng.randrange(40)))
             (tmp_path / "data" / cls / f"{i}.txt").write_text(text + ".\n")
     return str(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def calibrated(model_dirs, tmp_path_factory):
+    """A tiny LLaMA through every stage (sparsify, convert, train-routers, calibrate) on the
+    bundled BBC text: {stage: artifact path}."""
+    from d2d.configs import (
+        CalibrateConfig,
+        ConvertConfig,
+        SparsifyConfig,
+        TrainRoutersConfig,
+    )
+    from d2d.stages import run_stage
+
+    root = tmp_path_factory.mktemp("calibrated")
+    cfgs = [
+        (
+            "sparsify",
+            SparsifyConfig(steps=2, batch_size=2, seq_len=32, eval_tokens=128, eval_every=0),
+        ),
+        ("convert", ConvertConfig(n_experts=8)),
+        (
+            "train-routers",
+            TrainRoutersConfig(
+                tokens=512, seq_len=64, steps=5, batch_size=64, heldout_tokens=128, hidden=8
+            ),
+        ),
+        (
+            "calibrate",
+            CalibrateConfig(
+                taus="0,0.2,0.5", tokens=256, seq_len=64, budgets="0.5", per_layer=False
+            ),
+        ),
+    ]
+    out, current = {}, model_dirs["gated"]
+    for name, cfg in cfgs:
+        out[name] = root / name
+        run_stage(name, current, cfg, out[name])
+        current = str(out[name])
+    return out

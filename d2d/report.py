@@ -1,0 +1,400 @@
+"""`d2d report`: one self-contained HTML page (figures embedded) plus the figures as PNG files.
+
+Figures: the cost-quality curve from the calibration table (FFN and whole-model FLOPs, dense
+and the chosen routing marked); per-layer expert usage at the chosen routing (layers x
+experts); the distribution of the number of experts each token runs, per layer; per-layer
+activation sparsity when the model was sparsified. Then the lineage: every stage's config and
+metrics. Expert usage comes from the calibration record (measured at the chosen routing on the
+calibration split); with `tau` (or for artifacts calibrated before it was recorded) the model
+is run on `data` to measure it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from d2d import __version__
+from d2d.artifact import atomic_dir, read_meta
+from d2d.errors import D2DError
+from d2d.inspect import describe
+from d2d.progress import Progress, null_progress
+
+FIGURES = {
+    "curve": "Cost-quality curve",
+    "usage": "Expert usage per layer",
+    "k_hist": "Experts executed per token",
+    "sparsity": "FFN activation sparsity",
+}
+
+
+def _stage(meta: dict, name: str) -> dict | None:
+    return next((s for s in reversed(meta["stages"]) if s["stage"] == name), None)
+
+
+def measure_usage(
+    path: Path,
+    meta: dict,
+    tau: float | None,
+    data: str | None,
+    tokens: int,
+    progress: Progress = null_progress,
+) -> dict:
+    """Run the artifact on the calibration split and count which experts each token runs."""
+    from d2d.artifact import load_artifact
+    from d2d.evaluate import Evaluator
+
+    cal, routers = _stage(meta, "calibrate"), _stage(meta, "train-routers")
+    if routers is None:
+        raise D2DError("expert usage needs routers: run d2d train-routers (and calibrate) first")
+    src = (cal or routers)["config"]
+    data = data or src.get("data")
+    if not data:
+        raise D2DError("no data recorded in the lineage to measure expert usage: pass --data")
+    if tau is not None:
+        sink = (meta.get("routing") or {}).get("dense_positions", 0)
+        policy = {"rule": "tau", "tau": tau, "dense_positions": sink}
+    elif meta.get("routing"):
+        policy = meta["routing"]
+    else:
+        raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --tau")
+    art = load_artifact(path)
+    ev = Evaluator(
+        art.model, art.tokenizer, data, "calib", src.get("seq_len", 256), tokens, src.get("seed", 0)
+    )
+    m = ev.measure(art.model, policy, progress, "measuring expert usage")
+    return {
+        "usage": m.usage,
+        "k_hist": m.k_hist,
+        "tokens": ev.tokens,
+        "policy": policy,
+        "data": data,
+        "ffn_fraction": m.ffn_fraction,
+        "quality": m.quality,
+        "metric": ev.metric,
+    }
+
+
+# ---------------------------------------------------------------- figures (matplotlib, Agg)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _series_label(rule: str) -> str:
+    return {"global-tau": "global tau (dynamic-k)"}.get(rule, rule.replace("-", " "))
+
+
+def curve_figure(cal: dict) -> bytes:
+    plt = _plt()
+    rows, metric = cal["rows"], cal["metric"]
+    chosen = rows[cal["choice"]] if cal.get("choice") is not None else None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    rules = [r for r in dict.fromkeys(r["rule"] for r in rows) if r != "dense"]
+    for ax, key, xlabel in (
+        (axes[0], "ffn_fraction", "FFN FLOPs (fraction of dense)"),
+        (axes[1], "model_fraction", "whole-model FLOPs (fraction of dense)"),
+    ):
+        for rule in rules:
+            pts = sorted((r[key], r["quality"]) for r in rows if r["rule"] == rule)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=4, lw=1.4, label=_series_label(rule))
+        ax.axhline(cal["dense_quality"], color="0.4", ls=":", lw=1)
+        ax.plot(1.0, cal["dense_quality"], marker="*", ms=14, color="black", ls="", label="dense")
+        if chosen is not None:
+            ax.plot(
+                chosen[key], chosen["quality"], marker="o", ms=15, mfc="none", mec="red", mew=2,
+                ls="", label="chosen",
+            )  # fmt: skip
+            ax.annotate(
+                f"chosen: {chosen[key]:.0%}",
+                (chosen[key], chosen["quality"]),
+                textcoords="offset points",
+                xytext=(10, -16),
+                color="red",
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    qs = [r["quality"] for r in rows]
+    if metric == "perplexity" and min(qs) > 0 and max(qs) / min(qs) > 3:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel(f"{metric} ({'lower' if metric == 'perplexity' else 'higher'} is better)")
+    axes[1].legend(loc="best", fontsize=8)
+    fig.suptitle(f"Calibration split, {cal['tokens']} tokens")
+    return _png(fig)
+
+
+def usage_figure(usage: dict, k_hist: dict) -> bytes:
+    import numpy as np
+
+    plt = _plt()
+    layers = sorted(usage, key=int)
+    mat = np.array([np.asarray(usage[i], dtype=float) for i in layers])
+    tokens = np.array([[sum(k_hist[i])] for i in layers], dtype=float)  # tokens per layer
+    frac = mat / np.maximum(tokens, 1)
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(layers) + 1.6))
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="fraction of tokens that ran it", pad=0.01)
+    return _png(fig)
+
+
+def k_hist_figure(k_hist: dict) -> bytes:
+    import numpy as np
+
+    plt = _plt()
+    layers = sorted(k_hist, key=int)
+    mat = np.array([np.asarray(k_hist[i], dtype=float) for i in layers])
+    dist = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+    ks = np.arange(mat.shape[1])
+    mean = (dist * ks).sum(axis=1)
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(layers) + 1.6))
+    im = ax.imshow(dist, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.plot(mean, range(len(layers)), "o", color="cyan", ms=5, label="mean")
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel(f"experts executed per token (of {mat.shape[1] - 1})")
+    ax.set_ylabel("layer")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.colorbar(im, ax=ax, label="fraction of tokens", pad=0.01)
+    return _png(fig)
+
+
+def sparsity_figure(metrics: dict) -> bytes:
+    import numpy as np
+
+    plt = _plt()
+    b, a = metrics["sparsity_before"]["layers"], metrics["sparsity_after"]["layers"]
+    layers = sorted(b, key=int)
+    x = np.arange(len(layers))
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    for off, src, label in ((-0.2, b, "before"), (0.2, a, "after")):
+        ax.bar(x + off, [src[i]["zero"] for i in layers], width=0.4, label=f"zeros {label}")
+        ax.plot(x + off, [src[i]["near_zero"] for i in layers], "k_", ms=10)
+    ax.plot([], [], "k_", ms=10, label="|a| < 1% of token max")
+    ax.set_xticks(x, layers)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of FFN activations")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncols=3, loc="lower right")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- the page
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1180px;color:#1d2330;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #dde}
+.sub{color:#667}.cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1.2rem 0}
+.card{background:#f4f6fb;border-radius:8px;padding:.8rem 1.1rem;min-width:10rem}
+.card b{display:block;font-size:1.4rem}.card span{color:#556;font-size:.85rem}
+figure{margin:1rem 0} figure img{max-width:100%;border:1px solid #e3e6ee;border-radius:6px}
+figcaption{color:#556;font-size:.9rem;margin-top:.3rem}
+table{border-collapse:collapse;font-size:.88rem} td,th{padding:.25rem .6rem;text-align:right}
+th{background:#f0f2f7} tr:nth-child(even) td{background:#fafbfd} td.l,th.l{text-align:left}
+tr.chosen td{background:#e3f6e6;font-weight:600}
+details{margin:.4rem 0} summary{cursor:pointer}
+pre{background:#f7f7fa;padding:.7rem;overflow:auto;max-height:26rem;font-size:.8rem}
+.note{color:#8a5a00}
+"""
+
+# marks the page once every figure has decoded, so a headless browser can check it rendered
+_JS = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img.figure'), ok = 0;
+  imgs.forEach(function (i) { if (i.complete && i.naturalWidth > 0) ok++; });
+  document.body.setAttribute('data-figures', imgs.length);
+  document.body.setAttribute('data-figures-rendered', ok);
+});
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+
+def _policy_text(p: dict | None) -> str:
+    if not p:
+        return "none chosen"
+    if p.get("rule") == "all":
+        return "all experts"
+    for key, name in (("taus", "tau"), ("thresholds", "threshold"), ("fractions", "top-k")):
+        if p.get(key):
+            return f"per-layer {name}"
+    if p.get("rule") == "topk":
+        return f"top-k {p.get('fraction', 1):.0%}"
+    return f"global tau {p.get('tau', 0):g}"
+
+
+def _cal_table(cal: dict) -> str:
+    rows = []
+    for j, r in enumerate(cal["rows"]):
+        label = "dense (all experts)" if r["rule"] == "dense" else _policy_text(r["policy"])
+        if "budget" in r:
+            label += f" @{100 * r['budget']:.0f}%"
+        cls = ' class="chosen"' if j == cal.get("choice") else ""
+        rows.append(
+            f"<tr{cls}><td class=l>{_e(label)}</td><td>{_pct(r['ffn_fraction'])}</td>"
+            f"<td>{_pct(r['model_fraction'])}</td><td>{r['quality']:.4g}</td>"
+            f"<td>{100 * r['drop']:+.2f}%</td></tr>"
+        )
+    return (
+        f"<table><tr><th class=l>routing</th><th>FFN FLOPs</th><th>model FLOPs</th>"
+        f"<th>{_e(cal['metric'])}</th><th>change</th></tr>{''.join(rows)}</table>"
+    )
+
+
+def _lineage(meta: dict, summary: dict) -> str:
+    parts = []
+    for i, (s, d) in enumerate(zip(meta["stages"], summary["stages"], strict=True)):
+        metrics = {k: v for k, v in (s.get("metrics") or {}).items() if k != "history"}
+        parts.append(
+            f"<details{' open' if i == len(meta['stages']) - 1 else ''}><summary><b>{i}. "
+            f"{_e(s['stage'])}</b> &middot; {_e(d.get('summary') or '')} &middot; "
+            f"{_e(s.get('seconds', '?'))} s, peak {_e(s.get('peak_rss_mb', '?'))} MB &middot; "
+            f"from {_e(s.get('parent', ''))}</summary>"
+            f"<p>config</p><pre>{_e(json.dumps(s.get('config'), indent=1))}</pre>"
+            f"<p>metrics</p><pre>{_e(json.dumps(metrics, indent=1))}</pre></details>"
+        )
+    return "".join(parts)
+
+
+def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str]) -> str:
+    cal = meta.get("calibration")
+    cards = []
+    if cal and cal.get("choice") is not None:
+        ch = cal["rows"][cal["choice"]]
+        cards += [
+            ("routing", _policy_text(meta.get("routing"))),
+            ("FFN FLOPs", _pct(ch["ffn_fraction"])),
+            ("model FLOPs", _pct(ch["model_fraction"])),
+            (cal["metric"], f"{ch['quality']:.4g} (dense {cal['dense_quality']:.4g})"),
+        ]
+    moe = summary.get("moe")
+    if moe:
+        cards.append(("experts", f"{len(moe['layers'] or [])} layers x {moe['n_experts']}"))
+    cards.append(("size on disk", f"{summary['size_bytes'] / 2**20:.1f} MB"))
+    m = summary["model"]
+    figures = "".join(
+        f'<h2>{_e(FIGURES[k])}</h2><figure><img class="figure" alt="{_e(FIGURES[k])}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{_e(captions[k])}</figcaption></figure>"
+        for k, png in figs.items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>d2d report: {_e(summary["path"])}</title><style>{_CSS}</style></head>
+<body>
+<h1>d2d report</h1>
+<div class="sub">{_e(summary["path"])} &middot; {_e(m["architecture"])}, {_e(m["layers"])}
+layers, hidden {_e(m["hidden"])}, FFN {_e(m["ffn"])} &middot; base
+{_e(summary["base"].get("source"))} &middot; generated
+{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} by d2d {_e(__version__)}</div>
+<div class="cards">{
+        "".join(f"<div class=card><b>{_e(v)}</b><span>{_e(k)}</span></div>" for k, v in cards)
+    }</div>
+{"".join(f'<p class="note">{_e(n)}</p>' for n in notes)}
+{figures}
+{"<h2>Calibration table</h2>" + _cal_table(cal) if cal else ""}
+<h2>Lineage</h2>{_lineage(meta, summary)}
+<script>{_JS}</script>
+</body></html>
+"""
+
+
+def build_report(
+    path: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    tau: float | None = None,
+    data: str | None = None,
+    tokens: int = 16384,
+    progress: Progress = null_progress,
+) -> dict:
+    """Write OUT/index.html, OUT/<figure>.png and OUT/report.json; returns what was written."""
+    path = Path(path)
+    if tau is not None and not 0.0 <= tau <= 1.0:
+        raise D2DError(f"tau must be in [0, 1], got {tau}")
+    if tokens < 1:
+        raise D2DError(f"tokens must be >= 1, got {tokens}")
+    summary = describe(path)
+    if not summary["artifact"]:
+        raise D2DError(f"{path} is not a d2d artifact (no d2d.json): run a d2d stage on it first")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
+    if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
+        raise D2DError(f"--out {out} is inside the artifact: write the report elsewhere")
+    meta = read_meta(path)
+    cal = meta.get("calibration")
+    figs, captions, notes, usage = {}, {}, [], None
+    if cal and cal.get("rows"):
+        figs["curve"] = curve_figure(cal)
+        captions["curve"] = (
+            f"Quality ({cal['metric']}) against the FLOPs fraction of the dense model for every "
+            "routing rule measured by calibrate; the star is the dense model, the red ring the "
+            "chosen operating point."
+        )
+    else:
+        notes.append("No calibration yet: run d2d calibrate for the cost-quality curve.")
+    if tau is None and cal and cal.get("usage"):
+        usage = {
+            "usage": cal["usage"],
+            "k_hist": cal["k_hist"],
+            "tokens": cal["tokens"],
+            "policy": meta.get("routing"),
+            "data": cal["config"].get("data"),
+        }
+    elif tau is not None or (cal and _stage(meta, "train-routers")):
+        usage = measure_usage(path, meta, tau, data, tokens, progress)
+    elif _stage(meta, "convert"):
+        notes.append("No routing chosen yet: run d2d train-routers and calibrate for expert usage.")
+    if usage:
+        where = f"{usage['tokens']} tokens of the calibration split of {usage['data']}"
+        pol = _policy_text(usage["policy"])
+        figs["usage"] = usage_figure(usage["usage"], usage["k_hist"])
+        captions["usage"] = f"Fraction of tokens that ran each expert, at {pol}, on {where}."
+        figs["k_hist"] = k_hist_figure(usage["k_hist"])
+        captions["k_hist"] = (
+            f"Per layer, the distribution of the number of experts a token ran (dynamic-k), "
+            f"at {pol}, on {where}; dots mark the mean."
+        )
+    sp = _stage(meta, "sparsify")
+    if sp and (sp.get("metrics") or {}).get("sparsity_after"):
+        figs["sparsity"] = sparsity_figure(sp["metrics"])
+        captions["sparsity"] = (
+            "Per layer, the fraction of FFN activations that are exactly zero (bars) and below "
+            "1% of the token's largest (marks), on held-out tokens, before and after sparsify."
+        )
+    page = _page(summary, meta, figs, captions, notes)
+    with atomic_dir(out, overwrite) as tmp:
+        for k, png in figs.items():
+            (tmp / f"{k}.png").write_bytes(png)
+        (tmp / "index.html").write_text(page)
+        record = {"artifact": str(path), "figures": list(figs), "notes": notes, "usage": usage}
+        (tmp / "report.json").write_text(json.dumps(record, indent=1) + "\n")
+    return {"out": str(out), "figures": list(figs), "notes": notes}
