@@ -28,18 +28,23 @@ app = typer.Typer(
 
 @contextmanager
 def handled(debug: bool):
-    """Library errors become one line on stderr and exit code 2; no traceback unless --debug."""
+    """Library errors become one line on stderr and exit code 2; no traceback unless --debug.
+    Ctrl-C exits 130 (128 + SIGINT) after the stage's atomic write has removed its temporary
+    output; the yielded dict's "kept" names what deliberately stays (checkpoints)."""
     from d2d.errors import D2DError
 
+    state = {"kept": ""}
     try:
-        yield
+        yield state
     except D2DError as e:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+        err_console.print(
+            f"[bold red]interrupted:[/] no output was written{state['kept']}", highlight=False
+        )
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -114,6 +119,17 @@ def _stage_command(name: str):
                 typer.Option(default, *decls, help=f.metadata.get("help", "")),
             )
         )
+    params.append(
+        opt(
+            "trust_remote_code",
+            bool,
+            typer.Option(
+                False,
+                "--trust-remote-code",
+                help="Let a model folder run its own Python code (auto_map). Off by default.",
+            ),
+        )
+    )
     params.append(opt("debug", bool, typer.Option(False, "--debug", help="Show tracebacks.")))
 
     def command(**kw):
@@ -121,19 +137,23 @@ def _stage_command(name: str):
         from d2d.stages import make_config, run_stage
 
         debug = kw.pop("debug")
+        trust = kw.pop("trust_remote_code")
         inp = kw.pop("input")
         out = kw.pop("out", None)
         overwrite = kw.pop("overwrite", False)
         json_out = kw.pop("json_out", None)
         from d2d.dist import is_main_process
 
-        with handled(debug):
+        with handled(debug) as state:
             cfg = make_config(name, kw)
+            if out is not None and getattr(cfg, "checkpoint_every", 0):
+                folder = cfg.checkpoints(out)
+                state["kept"] = f" (checkpoints in {folder} are kept: re-run with --resume)"
             if not is_main_process():  # under a multi-process launcher, one process reports
-                run_stage(name, inp, cfg, out, overwrite)
+                run_stage(name, inp, cfg, out, overwrite, trust_remote_code=trust)
                 return
             with RichProgress() as progress:
-                record = run_stage(name, inp, cfg, out, overwrite, progress)
+                record = run_stage(name, inp, cfg, out, overwrite, progress, trust)
             if json_out is not None:
                 write_json_atomic(json_out, record)
             print_record(name, record, out)
@@ -166,7 +186,8 @@ def run(
     """Run a recipe's stages in order."""
     from d2d.recipe import run_recipe
 
-    with handled(debug), RichProgress() as progress:
+    with handled(debug) as state, RichProgress() as progress:
+        state["kept"] = " by the interrupted stage (finished stages are kept: re-run to go on)"
 
         def on_stage(name, rec):
             progress.pause()

@@ -98,9 +98,22 @@ def read_meta(path: Path) -> dict:
         raise D2DError(
             f"{path} was written by a newer d2d (format {fv} > {FORMAT_VERSION}): upgrade d2d"
         )
+    bad = f"{path / META} is malformed"
     for s in meta["stages"]:
-        if not isinstance(s, dict) or "stage" not in s:
-            raise D2DError(f"{path / META} has a malformed stage entry: restore it or re-run")
+        if not isinstance(s, dict) or not isinstance(s.get("stage"), str):
+            raise D2DError(f"{bad} (a stage entry without a name): restore it or re-run")
+        for key in ("config", "metrics", "structure"):
+            if not isinstance(s.get(key, {}), dict):
+                raise D2DError(f"{bad} (stage {s['stage']}: {key} is not a mapping): restore it")
+    if not isinstance(meta.get("base"), dict) or not isinstance(
+        meta["base"].get("model_class"), str
+    ):
+        raise D2DError(f"{bad} (no base model record): restore it or re-run")
+    for key in ("routing", "calibration"):
+        if not isinstance(meta.get(key) or {}, dict):
+            raise D2DError(f"{bad} ({key} is not a mapping): restore it or re-run")
+    if not isinstance(meta.get("model_class") or "", str):
+        raise D2DError(f"{bad} (model_class is not a string): restore it or re-run")
     return meta
 
 
@@ -148,11 +161,38 @@ def save(art: Artifact, out: str | Path, overwrite: bool = False) -> Path:
         raise D2DError(f"--out {out} is the input artifact: write to a new folder")
     with atomic_dir(out, overwrite) as tmp:
         art.model.config.save_pretrained(tmp)
-        save_model(art.model, str(tmp / WEIGHTS))
+        save_model(art.model, str(tmp / WEIGHTS), metadata={LINEAGE_KEY: _structure_key(art.meta)})
         if art.tokenizer is not None:
             art.tokenizer.save_pretrained(tmp)
         (tmp / META).write_text(json.dumps(art.meta, indent=2, default=_json_default) + "\n")
     return out
+
+
+LINEAGE_KEY = "d2d_structure"
+
+
+def _structure_key(meta: dict) -> str:
+    """The structural part of the lineage, stored in the weights file's header too, so that a
+    d2d.json edited (or swapped) after the fact is caught even where the shapes still fit."""
+    return json.dumps([[s["stage"], s.get("structure") or {}] for s in meta["stages"]])
+
+
+def _check_structure(path: Path, meta: dict) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            stored = (f.metadata() or {}).get(LINEAGE_KEY)
+    except (SafetensorError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise D2DError(
+            f"{path / WEIGHTS} is unreadable or corrupt ({first}): restore it or re-run the stage"
+        ) from e
+    if stored is not None and stored != _structure_key(meta):
+        raise D2DError(
+            f"{path / WEIGHTS} disagrees with {META}: the weights were written for another "
+            "structure (the lineage was edited or swapped); restore d2d.json or re-run"
+        )
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -208,7 +248,7 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     """Load an artifact folder written by d2d: structure from d2d.json, weights strictly."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from d2d.models import auto_class
+    from d2d.models import auto_class, check_folder
 
     path = Path(path)
     if not path.exists():
@@ -218,6 +258,7 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     meta = read_meta(path)
     if not (path / WEIGHTS).is_file():
         raise D2DError(f"{path} has no {WEIGHTS}: the artifact is incomplete, re-run the stage")
+    check_folder(path, str(path), trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     # a stage may have changed the head (sparsify adds a classifier to a bare encoder)
     cls = auto_class([meta.get("model_class") or meta["base"]["model_class"]])
@@ -225,8 +266,9 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     model = cls.from_config(config, trust_remote_code=trust_remote_code).float()
     try:
         replay(model, meta)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise D2DError(f"{path / META} has an incomplete stage record ({e}): re-run") from e
+    _check_structure(path, meta)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -246,7 +288,10 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     from d2d.moe.routing import apply_routing
 
     if meta.get("routing"):
-        apply_routing(model, meta["routing"])
+        try:
+            apply_routing(model, meta["routing"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise D2DError(f"{path / META} has a malformed routing ({e}): re-run calibrate") from e
     return art
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from d2d.bundled import package_dir
@@ -67,6 +68,36 @@ def task_of(model: nn.Module) -> str:
     return "encoder"
 
 
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_folder(path: Path, spec: str, trust_remote_code: bool) -> None:
+    """Refuse what would unpickle weights or run the folder's own code (unless asked to)."""
+    import json
+
+    if not (path / "config.json").is_file():
+        raise D2DError(f"{spec} is not a model folder (no config.json): restore it or re-run")
+    if not trust_remote_code:
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise D2DError(f"{path / 'config.json'} is not valid JSON ({e}): restore it") from None
+        if not isinstance(cfg, dict):
+            raise D2DError(f"{path / 'config.json'} is not a JSON object: restore it")
+        if cfg.get("auto_map"):
+            raise D2DError(
+                f"{spec} ships its own model code (auto_map in config.json), which d2d does not "
+                "run unless you pass --trust-remote-code"
+            )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+        pickled = sorted(p.name for pat in PICKLED for p in path.glob(pat))
+        what = f"only pickled weights ({pickled[0]})" if pickled else "no weights"
+        raise D2DError(
+            f"{spec} holds {what}: d2d loads safetensors only (never unpickles); "
+            "save the model with save_pretrained(..., safe_serialization=True) and retry"
+        )
+
+
 @dataclass
 class Loaded:
     model: nn.Module
@@ -85,18 +116,26 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
         kw["gguf_file"] = gguf
     if isinstance(path, str):
         kw["local_files_only"] = True
+    elif not gguf:
+        check_folder(path, spec, trust_remote_code)
+        kw["use_safetensors"] = True
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # d2d draws its own progress
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = AutoConfig.from_pretrained(path, **kw)
+        config = AutoConfig.from_pretrained(
+            path, **{k: v for k, v in kw.items() if k != "use_safetensors"}
+        )
         archs = getattr(config, "architectures", None)
         # GGUF files hold LLMs; their config names no head class
         cls = transformers.AutoModelForCausalLM if gguf and not archs else auto_class(archs)
         model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-        tok = AutoTokenizer.from_pretrained(path, **kw)
+        tok = AutoTokenizer.from_pretrained(
+            path, **{k: v for k, v in kw.items() if k != "use_safetensors"}
+        )
     except D2DError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise D2DError(f"could not load model {spec}: {first}") from e
     if getattr(model.config, "quantization_config", None) is not None and gguf:

@@ -36,14 +36,31 @@ def _coerce(value: str):
 def parse_recipe(text: str, overrides: list[str] = ()) -> dict:
     """Validate a recipe; overrides are key=value (top level) or stage.key=value."""
     try:
-        r = yaml.safe_load(text)
+        r = yaml.safe_load(text)  # plain data only: no tags that build Python objects
     except yaml.YAMLError as e:
-        raise D2DError(f"the recipe is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(r, dict) or not isinstance(r.get("stages"), list) or not r["stages"]:
-        raise D2DError("a recipe needs a 'stages' list (see recipes/quickstart.yaml)")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise D2DError(f"the recipe is not valid YAML ({first})") from None
+    if not isinstance(r, dict):
+        raise D2DError("a recipe is a mapping with model, out and stages (see recipes/)")
+    parsed = []
+    for ov in overrides:
+        key, eq, val = ov.partition("=")
+        stage, dot, opt = key.partition(".")
+        if not eq or not key or (dot and not (stage and opt)):
+            raise D2DError(f"override {ov!r} is not key=value or stage.key=value")
+        if not dot and key == "stages":
+            raise D2DError("the stage list cannot be overridden: edit the recipe")
+        parsed.append((stage if dot else None, opt if dot else key, _coerce(val)))
+    for stage, key, val in parsed:
+        if stage is None:
+            r[key] = val
+    if not isinstance(r.get("stages"), list) or not r["stages"]:
+        raise D2DError("a recipe needs a non-empty 'stages' list (see recipes/quickstart.yaml)")
     for key in ("model", "out"):
-        if not isinstance(r.get(key), str):
+        if not isinstance(r.get(key), str) or not r[key]:
             raise D2DError(f"the recipe needs a '{key}' string")
+    if "data" in r and not isinstance(r["data"], str):
+        raise D2DError("the recipe's 'data' must be a string (a path or a bundled name)")
     stages = []
     for s in r["stages"]:
         if isinstance(s, str):
@@ -51,25 +68,22 @@ def parse_recipe(text: str, overrides: list[str] = ()) -> dict:
         if not isinstance(s, dict) or len(s) != 1:
             raise D2DError(f"each recipe stage is a name or a one-key mapping, got {s!r}")
         ((name, opts),) = s.items()
-        if name not in STAGES:
+        if not isinstance(name, str) or name not in STAGES:
             raise D2DError(f"unknown stage {name!r} in the recipe: stages are {', '.join(STAGES)}")
         if opts is not None and not isinstance(opts, dict):
             raise D2DError(f"options of stage {name} must be a mapping, got {opts!r}")
+        if any(not isinstance(k, str) for k in opts or {}):
+            raise D2DError(f"option names of stage {name} must be strings")
         stages.append([name, dict(opts or {})])
     r["stages"] = stages
-    for ov in overrides:
-        key, eq, val = ov.partition("=")
-        if not eq:
-            raise D2DError(f"override {ov!r} is not key=value")
-        stage, dot, opt = key.partition(".")
-        if not dot:
-            r[key] = _coerce(val)
+    for stage, opt, val in parsed:
+        if stage is None:
             continue
         hits = [s for s in stages if s[0] == stage]
         if not hits:
-            raise D2DError(f"override {ov!r} names stage {stage!r}, which the recipe lacks")
+            raise D2DError(f"an override names stage {stage!r}, which the recipe lacks")
         for s in hits:
-            s[1][opt] = _coerce(val)
+            s[1][opt] = val
     for name, opts in stages:
         names = {f.name for f in fields(STAGES[name].config_cls)}
         if "data" in names and "data" not in opts and r.get("data"):
@@ -91,6 +105,9 @@ def run_recipe(
     r = parse_recipe(p.read_text(), overrides)
     out = Path(r["out"])
     current = r["model"]
+    # the resolved recipe (overrides applied) first: an interrupted run still records it
+    resolved = {**r, "stages": [{n: o} for n, o in r["stages"]]}
+    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     records = []
     for i, (name, opts) in enumerate(r["stages"]):
         cfg = make_config(name, opts)
@@ -115,8 +132,6 @@ def run_recipe(
             on_stage(name, rec)
         if target is not None:
             current = str(target)
-    resolved = {**r, "stages": [{n: o} for n, o in r["stages"]]}
-    write_text_atomic(out / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return records
 
 

@@ -11,6 +11,7 @@ import os
 import resource
 import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -181,10 +182,36 @@ def make_config(stage: str, options: dict):
         raise D2DError(
             f"{stage} has no option {unknown[0]!r}: options are {', '.join(sorted(names))}"
         )
+    hints = typing.get_type_hints(spec.config_cls)
+    typed = {k: _typed(stage, k, hints[k], v) for k, v in options.items()}
     try:
-        return spec.config_cls(**options)
+        return spec.config_cls(**typed)
     except TypeError as e:
         raise D2DError(f"bad options for {stage}: {e}") from None
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _typed(stage: str, name: str, tp, value):
+    """Check an option's value against its field type (recipes and overrides are untyped
+    YAML); numbers given for a text option (a tau list of one, a layer index) become text."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    if value is None and type(None) in typing.get_args(tp):
+        return None
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is int and is_num and float(value).is_integer():
+        return int(value)
+    if base is float and is_num:
+        return float(value)
+    if base is str and (isinstance(value, str) or is_num):
+        return str(value)
+    if base not in _KINDS:
+        return value
+    raise D2DError(f"{stage} option {name.replace('_', '-')} must be {_KINDS[base]}, got {value!r}")
 
 
 def open_input(spec: str, trust_remote_code: bool = False) -> Artifact:
@@ -237,8 +264,10 @@ def run_stage(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress = null_progress,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Run one stage; write its artifact to `out` (stages that write one). Returns the record."""
+    """Run one stage; write its artifact to `out` (stages that write one). Returns the record.
+    `trust_remote_code` lets a model folder run its own code (never done otherwise)."""
     spec = STAGES[stage]
     if spec.writes_artifact and out is None:
         raise D2DError(f"{stage} writes an artifact: give --out DIR")
@@ -246,7 +275,7 @@ def run_stage(
         raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
     from d2d.artifact import Artifact, save
 
-    art = input if isinstance(input, Artifact) else open_input(input)
+    art = input if isinstance(input, Artifact) else open_input(input, trust_remote_code)
     art.require(*spec.requires, for_stage=stage)
     for later in spec.before:
         if art.has_stage(later):
