@@ -129,6 +129,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     out = Path(out)
     if out.exists() and not overwrite:
         raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise D2DError(
+            f"cannot write {out}: {blocker} is a file, not a folder; choose another --out"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

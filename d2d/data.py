@@ -103,7 +103,10 @@ def load_corpus(spec: str) -> Corpus:
             return _text_files(path, files, encoding, spec)
         if tables:
             return _table(tables, spec)
-        raise D2DError(f"{spec} holds no .txt/.md/.json/.jsonl/.csv/.parquet files")
+        raise D2DError(
+            f"data {spec} holds no .txt/.md/.json/.jsonl/.csv/.parquet files: "
+            "point --data at text or table files"
+        )
     if path.suffix in TABLE_SUFFIXES:
         return _table([path], spec)
     if path.suffix in TEXT_SUFFIXES or path.suffix == "":
@@ -155,7 +158,7 @@ def _checked(c: Corpus) -> Corpus:
     texts = [c.texts[i] for i in keep]
     labels = [c.labels[i] for i in keep] if c.labels is not None else None
     if not texts:
-        raise D2DError(f"data {c.source} is empty: it holds no text")
+        raise D2DError(f"data {c.source} is empty (it holds no text): add documents")
     return Corpus(texts, labels, c.label_names, c.source)
 
 

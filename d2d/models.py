@@ -137,7 +137,9 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise D2DError(f"could not load model {spec}: {first}") from e
+        raise D2DError(
+            f"could not load model {spec} ({first}): check that its files are complete"
+        ) from e
     if getattr(model.config, "quantization_config", None) is not None and gguf:
         # the GGUF weights were dequantised to fp32: the saved config must not claim otherwise
         del model.config.quantization_config

@@ -39,7 +39,9 @@ def parse_recipe(text: str, overrides: list[str] = ()) -> dict:
         r = yaml.safe_load(text)  # plain data only: no tags that build Python objects
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise D2DError(f"the recipe is not valid YAML ({first})") from None
+        raise D2DError(
+            f"the recipe is not valid YAML ({first}): fix it (plain YAML only)"
+        ) from None
     if not isinstance(r, dict):
         raise D2DError("a recipe is a mapping with model, out and stages (see recipes/)")
     parsed = []

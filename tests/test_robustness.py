@@ -268,7 +268,7 @@ CASES = {
     "classification data without labels": (c_data_no_labels, "labels"),
     "output exists": (c_output_exists, "already exists"),
     "output is the input": (c_output_is_input, "is the input"),
-    "output not writable": (c_output_unwritable, "cannot write"),
+    "output not writable": (c_output_unwritable, "is a file, not a folder"),
     "pickled weights only": (c_pickled_only, "never unpickles"),
     "remote code without the flag": (c_remote_code, "--trust-remote-code"),
     "recipe names an unknown stage": (c_recipe_unknown_stage, "unknown stage"),
