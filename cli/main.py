@@ -193,6 +193,8 @@ def run(
             progress.pause()
             if rec.get("skipped"):
                 console.print(f"[dim]{name}: {rec['out']} is up to date, skipped[/]")
+            elif name == "report":
+                console.print(f"report: {Path(rec['out']) / 'index.html'}", highlight=False)
             else:
                 print_record(name, rec, rec.get("out"))
             progress.resume()

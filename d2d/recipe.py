@@ -2,7 +2,8 @@
 
     model: minilm-l6           # INPUT of the first stage
     data: bbc-news             # default --data of every stage that reads data
-    out: runs/quickstart       # stage i writes out/<i>-<stage>; eval writes out/eval.json
+    out: runs/quickstart       # stage i writes out/<i>-<stage>; eval writes out/<i>-eval.json
+    report: true               # optional: d2d report of the last artifact into out/report
     stages:
       - sparsify: {steps: 300}   # optional; resumes from its checkpoints after a crash
       - convert: {expert_size: 16}
@@ -63,6 +64,8 @@ def parse_recipe(text: str, overrides: list[str] = ()) -> dict:
             raise D2DError(f"the recipe needs a '{key}' string")
     if "data" in r and not isinstance(r["data"], str):
         raise D2DError("the recipe's 'data' must be a string (a path or a bundled name)")
+    if not isinstance(r.get("report", False), bool):
+        raise D2DError("the recipe's 'report' must be true or false")
     stages = []
     for s in r["stages"]:
         if isinstance(s, str):
@@ -134,6 +137,13 @@ def run_recipe(
             on_stage(name, rec)
         if target is not None:
             current = str(target)
+    if r.get("report") and current != r["model"]:  # the last artifact, as a page to look at
+        from d2d.report import build_report
+
+        rep = build_report(current, out / "report", overwrite=True, progress=progress)
+        records.append({"stage": "report", **rep})
+        if on_stage:
+            on_stage("report", records[-1])
     return records
 
 

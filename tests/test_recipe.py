@@ -46,6 +46,7 @@ def test_recipe_runs_resumes_and_records(model_dirs, tmp_path):
                 "model": model_dirs["gated"],
                 "data": "bbc-news",
                 "out": str(tmp_path / "run"),
+                "report": True,
                 "stages": [
                     {"convert": {"n_experts": 8}},
                     {
@@ -70,10 +71,14 @@ def test_recipe_runs_resumes_and_records(model_dirs, tmp_path):
             }
         )
     )
-    recs = run_recipe(recipe)
-    assert [r["stage"] for r in recs] == ["convert", "train-routers", "calibrate", "eval"]
+    recs = run_recipe(recipe, ["eval.tokens=320"])
+    names = ["convert", "train-routers", "calibrate", "eval", "report"]
+    assert [r["stage"] for r in recs] == names
     assert (tmp_path / "run" / "3-eval.json").exists()
-    assert (tmp_path / "run" / "recipe.yaml").exists()
+    assert (tmp_path / "run" / "report" / "index.html").exists()
+    assert recs[-1]["figures"] == ["curve", "usage", "k_hist"]
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert resolved["stages"][3]["eval"] == {"tokens": 320, "seq_len": 64, "data": "bbc-news"}
     again = run_recipe(recipe)
     assert [r.get("skipped", False) for r in again[:3]] == [True, True, True]
     with pytest.raises(D2DError, match="--force"):
