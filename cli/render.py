@@ -71,14 +71,9 @@ def _pct(x: float) -> str:
 
 
 def _policy(p: dict) -> str:
-    if p.get("rule") == "all":
-        return "all experts"
-    for key, name in (("taus", "tau"), ("thresholds", "threshold"), ("fractions", "top-k")):
-        if p.get(key):
-            return f"per-layer {name}"
-    if p.get("rule") == "topk":
-        return f"top-k {p.get('fraction', 1):.0%}"
-    return f"tau {p.get('tau', 0):g}"
+    from d2d.moe.routing import describe
+
+    return describe(p)
 
 
 def _row_label(r: dict) -> str:

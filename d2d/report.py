@@ -237,16 +237,10 @@ def _pct(x) -> str:
 
 
 def _policy_text(p: dict | None) -> str:
-    if not p:
-        return "none chosen"
-    if p.get("rule") == "all":
-        return "all experts"
-    for key, name in (("taus", "tau"), ("thresholds", "threshold"), ("fractions", "top-k")):
-        if p.get(key):
-            return f"per-layer {name}"
-    if p.get("rule") == "topk":
-        return f"top-k {p.get('fraction', 1):.0%}"
-    return f"global tau {p.get('tau', 0):g}"
+    from d2d.moe.routing import describe
+
+    text = describe(p)
+    return "global " + text if text.startswith("tau") else text
 
 
 def _cal_table(cal: dict) -> str:

@@ -126,18 +126,9 @@ def c_meta_incomplete(t, m, c):
 
 
 def c_unsupported_arch(t, m, c):
-    from transformers import OPTConfig, OPTForCausalLM
+    from tiny import tiny
 
-    cfg = OPTConfig(
-        vocab_size=96,
-        hidden_size=16,
-        word_embed_proj_dim=16,
-        ffn_dim=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-    )
-    OPTForCausalLM(cfg).save_pretrained(t / "in")
+    tiny("opt").save_pretrained(t / "in")
     return ["convert", str(t / "in"), "-o", "OUT"], t / "in"
 
 

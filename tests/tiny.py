@@ -47,6 +47,19 @@ def tiny(family: str, seed: int = 0, vocab: int = VOCAB):
             num_labels=3,
         )
         return (BertModel if family == "bert" else BertForSequenceClassification)(cfg).eval()
+    if family == "opt":  # an architecture d2d does not support
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            ffn_dim=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+        return OPTForCausalLM(cfg).eval()
     raise ValueError(family)
 
 

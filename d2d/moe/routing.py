@@ -43,6 +43,20 @@ def validate(policy: dict) -> dict:
     return policy
 
 
+def describe(policy: dict | None) -> str:
+    """A short human label for a policy: "tau 0.1", "per-layer threshold", "all experts"."""
+    if not policy:
+        return "none chosen"
+    if policy.get("rule") == "all":
+        return "all experts"
+    for key, name in (("taus", "tau"), ("thresholds", "threshold"), ("fractions", "top-k")):
+        if policy.get(key):
+            return f"per-layer {name}"
+    if policy.get("rule") == "topk":
+        return f"top-k {policy.get('fraction', 1):.0%}"
+    return f"tau {policy.get('tau', 0):g}"
+
+
 def _moes(model: nn.Module) -> dict[int, MoEFFN]:
     from d2d.moe.convert import moe_layers
 
