@@ -112,6 +112,9 @@ class MoEFFN(nn.Module):
         self.context = RoutingContext()
         self.stats: LayerStats | None = None  # collect when not None
         self.capture = None  # callable(x, h) used by router training and calibration
+        # "sparse": run only the selected experts (d2d/moe/kernels.py) where it applies;
+        # "masked": compute every expert and zero the unselected ones (the reference)
+        self.execution = "sparse"
 
     @property
     def gated(self) -> bool:
@@ -163,9 +166,36 @@ class MoEFFN(nn.Module):
             mask |= (pos.reshape(-1) < self.dense_positions)[:, None]
         return mask
 
+    # above this executed fraction the dense product beats the sparse kernel
+    SPARSE_MAX_FRACTION = 0.8
+
+    def _sparse_ok(self, x2: torch.Tensor) -> bool:
+        from d2d.moe import kernels
+
+        return (
+            self.execution == "sparse"
+            and self.capture is None
+            and self.scores == "router"
+            and self.routes()
+            and not torch.is_autocast_enabled(x2.device.type)
+            and kernels.applies(x2, self.w_in, self.w_out)
+            and kernels.load() is not None
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self._sparse_ok(x2):
+            from d2d.moe.kernels import sparse_ffn
+
+            mask = self.select(x2, None)
+            if self.stats is not None:
+                self._record(mask, x2.shape[0])
+            if mask.sum() <= self.SPARSE_MAX_FRACTION * mask.numel():
+                return sparse_ffn(self, x2, mask).view(*shape[:-1], self.d_model)
+            h = self.hidden(x2)
+            h = (h.view(-1, self.n_experts, self.expert_size) * mask.unsqueeze(-1)).flatten(1)
+            return F.linear(h, self.w_out, self.b_out).view(*shape[:-1], self.d_model)
         h = self.hidden(x2)
         if self.capture is not None:
             self.capture(x2, h)

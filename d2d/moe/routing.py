@@ -95,6 +95,27 @@ def routing(model: nn.Module, policy: dict):
             m.rule, m.scores, m.tau, m.k, m.threshold, m.dense_positions = saved[i]
 
 
+EXECUTIONS = ("sparse", "masked")
+
+
+@contextmanager
+def execution(model: nn.Module, mode: str):
+    """Run the MoE layers with `mode` during the block: "sparse" (only the selected experts,
+    where the fast kernels apply) or "masked" (every expert computed, unselected ones zeroed:
+    the reference)."""
+    if mode not in EXECUTIONS:
+        raise D2DError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
+    moes = _moes(model)
+    saved = {i: m.execution for i, m in moes.items()}
+    try:
+        for m in moes.values():
+            m.execution = mode
+        yield
+    finally:
+        for i, m in moes.items():
+            m.execution = saved[i]
+
+
 @contextmanager
 def collecting(model: nn.Module):
     """Collect per-layer execution statistics during the block; yields {layer: LayerStats}."""

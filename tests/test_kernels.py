@@ -1,0 +1,139 @@
+"""The sparse execution path (only the selected experts run) equals the masked reference."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import tiny
+
+from d2d.moe import kernels
+from d2d.moe.convert import ConvertConfig, convert, moe_layers
+from d2d.moe.layer import MoEFFN
+from d2d.moe.routers import attach_routers
+from d2d.moe.routing import execution, routing
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler"
+)
+
+
+def test_the_kernels_build():
+    assert kernels.load() is not None, kernels.why_not()
+
+
+def masked_reference(moe: MoEFFN, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    h = moe.hidden(x)
+    h = (h.view(-1, moe.n_experts, moe.expert_size) * mask.unsqueeze(-1)).flatten(1)
+    return F.linear(h, moe.w_out, moe.b_out)
+
+
+ACTS = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU(), "gelu-tanh": torch.nn.GELU("tanh")}
+ACTS["relu"] = torch.nn.ReLU()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_sparse_ffn_equals_masked_on_random_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    d, n_experts, size = pick([8, 33, 64, 96]), pick([1, 3, 8, 16]), pick([1, 4, 7, 16])
+    gated, bias = bool(seed % 2), seed % 3 == 0
+    n = pick([0, 1, 2, 5, 17, 130])
+    act = ACTS[pick(list(ACTS))]
+    moe = MoEFFN(d, n_experts, size, act, gated=gated, bias_in=bias, bias_out=bias)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2, generator=g)
+    x = torch.randn(n, d, generator=g)
+    density = float(torch.rand((), generator=g))
+    mask = torch.rand(n, n_experts, generator=g) < density
+    with torch.no_grad():
+        got = kernels.sparse_ffn(moe, x, mask)
+        want = masked_reference(moe, x, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def routed_model(family: str, seed: int = 0):
+    m = tiny(family, seed=seed)
+    convert(m, ConvertConfig(n_experts=8))
+    torch.manual_seed(seed)
+    attach_routers(moe_layers(m), 16)
+    return m
+
+
+def outputs(m, **kw):
+    with torch.no_grad():
+        out = m(**kw)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2", "bert"])
+@pytest.mark.parametrize("tau", [0.0, 0.05, 0.2, 0.5, 1.0])
+def test_model_sparse_equals_masked_at_every_tau(family, tau):
+    m = routed_model(family)
+    ids = torch.randint(1, 96, (3, 11))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # padding and an attention mask, batch > 1
+    policy = {"rule": "tau", "tau": tau, "dense_positions": 1}
+    with routing(m, policy):
+        with execution(m, "masked"):
+            want = outputs(m, input_ids=ids, attention_mask=am)
+        with execution(m, "sparse"):
+            got = outputs(m, input_ids=ids, attention_mask=am)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [{"rule": "topk", "fraction": 0.25}, {"rule": "threshold"}])
+def test_other_rules_take_the_sparse_path_too(rule):
+    m = routed_model("gated")
+    if rule["rule"] == "threshold":
+        rule = {**rule, "thresholds": {str(i): 0.7 for i in moe_layers(m)}}
+    ids = torch.randint(1, 96, (2, 9))
+    calls = []
+    orig = kernels.sparse_ffn
+    kernels.sparse_ffn = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with routing(m, rule):
+            got = outputs(m, input_ids=ids)
+            with execution(m, "masked"):
+                want = outputs(m, input_ids=ids)
+    finally:
+        kernels.sparse_ffn = orig
+    assert calls, "the sparse kernel was not used"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_paths_stay_masked():
+    """Autograd, bf16 and all-experts runs do not use the kernel (and still agree)."""
+    m = routed_model("gated")
+    ids = torch.randint(1, 96, (2, 7))
+    with routing(m, {"rule": "tau", "tau": 0.3}):
+        moe = moe_layers(m)[0]
+        x = torch.randn(5, moe.d_model)
+        assert not moe._sparse_ok(x.requires_grad_())  # grad mode on: training path
+        with torch.no_grad():
+            assert moe._sparse_ok(x)
+            assert not moe._sparse_ok(x.bfloat16())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert not moe._sparse_ok(x)
+            with execution(m, "masked"):
+                assert not moe._sparse_ok(x)
+        m.bfloat16()
+        with execution(m, "masked"):
+            want = outputs(m, input_ids=ids)
+        torch.testing.assert_close(outputs(m, input_ids=ids), want)
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2"])
+def test_generate_sparse_equals_masked(family):
+    m = routed_model(family, seed=1)
+    prompt = torch.tensor([[0, 0, 5, 9, 17], [3, 4, 5, 6, 7]])
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": am}
+    with routing(m, {"rule": "tau", "tau": 0.3, "dense_positions": 1}):
+        with execution(m, "masked"):
+            want = m.generate(prompt, **kw)
+        got = m.generate(prompt, **kw)
+    assert torch.equal(got, want)
