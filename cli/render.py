@@ -184,7 +184,9 @@ def print_record(stage: str, rec: dict, out) -> None:
                 f"{r['seconds']:.1f}s",
             )
         console.print(t)
-    where = f" -> {out}" if out and stage != "eval" else ""
+    elif stage == "bench":
+        print_bench(m)
+    where = f" -> {out}" if out and stage not in ("eval", "bench") else ""
     console.print(
         f"[dim]{stage} took {rec.get('seconds', 0):.1f}s, peak memory "
         f"{rec.get('peak_rss_mb', 0):.0f} MB{where}[/]"
@@ -266,3 +268,51 @@ def print_inspect(d: dict) -> None:
         console.print(
             calibration_table(cal, f"calibration ({cal['tokens']} tokens, {cal['split']})")
         )
+
+
+def print_bench(m: dict) -> None:
+    """d2d bench: time ratios (converted / dense) beside FLOPs fractions, and the machine."""
+    lay = m["layer"]
+    t = Table(
+        title=f"one FFN layer (layer {lay['layer']}: {lay['n_experts']} experts of "
+        f"{lay['expert_size']}); medians, converted / dense"
+    )
+    for c in ("tokens", "routing", "FLOPs", "time", "time / FLOPs", "dense", "d2d"):
+        t.add_column(c, justify="left" if c == "routing" else "right")
+    for r in lay["rows"]:
+        t.add_row(
+            str(r["tokens"]),
+            r["routing"],
+            _pct(r["flops_fraction"]),
+            _pct(r["time_fraction"]),
+            f"{r['time_fraction'] / r['flops_fraction']:.2f}",
+            f"{r['dense_ms']:.3f} ms",
+            f"{r['d2d_ms']:.3f} ms",
+        )
+    console.print(t)
+    if m["model"]:
+        t = Table(title="whole model (fp32); speed-up = dense time / converted time")
+        for c in ("measure", "routing", "FFN FLOPs", "model FLOPs", "dense", "d2d", "speed-up"):
+            t.add_column(c, justify="left" if c in ("measure", "routing") else "right")
+        for r in m["model"]:
+            t.add_row(
+                r["measure"],
+                r["routing"],
+                _pct(r["ffn_flops_fraction"]),
+                _pct(r["model_flops_fraction"]),
+                f"{r['dense']:.1f} {r['unit']}",
+                f"{r['d2d']:.1f} {r['unit']}",
+                f"{r['speedup']:.2f}x",
+            )
+        console.print(t)
+    mem, mach = m["memory"], m["machine"]
+    console.print(
+        f"memory: tensors {mem['tensor_bytes'] / 2**20:.1f} MB = {mem['ratio']:.3f} x the dense "
+        f"model's ({mem['dense_tensor_bytes'] / 2**20:.1f} MB; routers and the neuron "
+        "permutation are the difference)"
+    )
+    console.print(
+        f"[dim]machine: {mach['cpu']}, {mach['torch_threads']} torch threads of "
+        f"{mach['cpu_count']} CPUs, torch {mach['torch']}, sparse kernel: "
+        f"{mach['sparse_kernel']}[/]"
+    )

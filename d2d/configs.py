@@ -315,3 +315,48 @@ class EvalConfig:
             raise D2DError(f"tau must be in [0, 1], got {self.tau}")
         if self.seq_len < 2 or self.tokens < 1:
             raise D2DError("seq-len must be >= 2 and tokens >= 1")
+
+
+def parse_int_list(spec: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise D2DError(f"bad {what} list {spec!r}: use integers like 1,16,512") from None
+    if not vals or any(v < 1 for v in vals):
+        raise D2DError(f"{what} must be integers >= 1, got {spec!r}")
+    return vals
+
+
+@dataclass
+class BenchConfig:
+    data: str = field(
+        default="bbc-news", metadata={"help": "Text for real hidden states and prompts."}
+    )
+    taus: str = field(
+        default="",
+        metadata={"help": "Global taus to measure (default: the calibrated routing), e.g. 0.1,0.3"},
+    )
+    token_counts: str = field(
+        default="1,16,512,4096", metadata={"help": "Token counts for the one-layer benchmark."}
+    )
+    layer: int = field(default=-1, metadata={"help": "Layer to benchmark (-1: the middle one)."})
+    model: bool = field(default=True, metadata={"help": "Also time the whole model."})
+    prompt_len: int = field(default=512, metadata={"help": "Prompt tokens for prefill timing."})
+    decode_batch: str = field(default="1,8", metadata={"help": "Batch sizes for decode timing."})
+    decode_prompt: int = field(default=32, metadata={"help": "Prompt tokens before decoding."})
+    new_tokens: int = field(default=32, metadata={"help": "Tokens decoded per measurement."})
+    reps: int = field(default=10, metadata={"help": "Timed repetitions (medians are reported)."})
+    warmup: int = field(default=2, metadata={"help": "Untimed repetitions first."})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+
+    def __post_init__(self):
+        if self.taus:
+            parse_taus(self.taus)
+        parse_int_list(self.token_counts, "token-counts")
+        parse_int_list(self.decode_batch, "decode-batch")
+        for name in ("prompt_len", "decode_prompt", "new_tokens", "reps"):
+            if getattr(self, name) < 1:
+                raise D2DError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.threads < 0:
+            raise D2DError("warmup and threads must be >= 0")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from d2d.configs import (
+    BenchConfig,
     CalibrateConfig,
     ConvertConfig,
     EvalConfig,
@@ -116,6 +117,12 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     return {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}, {}
 
 
+def _bench(art: Artifact, cfg: BenchConfig, progress: Progress):
+    from d2d.bench import bench
+
+    return bench(art, cfg, progress), {}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -168,6 +175,14 @@ STAGES: dict[str, Stage] = {
             (),
             writes_artifact=False,
             help="Quality and FLOPs on held-out data, beside the dense model.",
+        ),
+        Stage(
+            "bench",
+            BenchConfig,
+            _bench,
+            ("convert",),
+            writes_artifact=False,
+            help="Wall-clock time of the converted model against the dense one (ratios).",
         ),
     )
 }

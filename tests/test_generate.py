@@ -46,3 +46,20 @@ def test_left_padded_batch_keeps_sink_at_first_real_token():
     with torch.no_grad():
         m(input_ids=ids, attention_mask=mask)
     assert seen[0].tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_decode_steps_see_their_true_positions():
+    """With the KV cache (generate passes it as `cache`), each decoded token's position
+    continues the prompt's, so the dense sink covers only the first token."""
+    m = tiny("gated")
+    convert(m, ConvertConfig(n_experts=8))
+    attach_routers(moe_layers(m), 16)
+    seen = []
+    moe = moe_layers(m)[0]
+    moe.register_forward_hook(lambda mod, a, y: seen.append(mod.context.positions.clone()))
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with routing(m, {"rule": "tau", "tau": 0.5, "dense_positions": 1}):
+        m.generate(prompt, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen[0].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert [s.tolist() for s in seen[1:]] == [[[3], [5]], [[4], [6]]]

@@ -38,7 +38,10 @@ def _install_context(model: nn.Module) -> RoutingContext:
         if ids is None:
             return
         b, t = ids.shape[0], ids.shape[1]
-        past = kwargs.get("past_key_values")
+        # the KV cache: `cache` in newer transformers (generate passes it so), else the old name
+        past = kwargs.get("cache")
+        if past is None:
+            past = kwargs.get("past_key_values")
         past_len = (
             int(past.get_seq_length())
             if past is not None and hasattr(past, "get_seq_length")
@@ -49,7 +52,11 @@ def _install_context(model: nn.Module) -> RoutingContext:
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
             ctx.token_mask = am[:, -t:]
         else:
-            pos = torch.arange(past_len, past_len + t, device=ids.device).expand(b, t)
+            pid = kwargs.get("position_ids")
+            if pid is not None and pid.dim() == 2 and pid.shape[-1] == t:
+                pos = pid.expand(b, t)
+            else:
+                pos = torch.arange(past_len, past_len + t, device=ids.device).expand(b, t)
             ctx.token_mask = am if am is not None and am.shape == (b, t) else None
         ctx.positions = pos
 

@@ -1,0 +1,309 @@
+"""`d2d bench`: wall-clock time of the converted model against the dense one, in one run.
+
+Dense and converted are the same module under two routings: every expert (the dense
+function, computed as one dense product, as the original FFN) and the chosen routing (or
+`--taus`), executed sparsely. Every measurement is interleaved (dense, converted, dense, ...)
+after warm-up, and reported as the median; ratios are converted / dense, printed beside the
+FLOPs fraction of the same run.
+
+1. Layer level: one FFN on real hidden states (captured from the model on `--data`) at several
+   token counts; each repetition takes another slice of tokens (another token for 1 token).
+2. Whole model (fp32, batch 1 unless stated): prefill time for one `--prompt-len` prompt,
+   and for causal LMs decode tokens/s with the KV cache at each `--decode-batch` size.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+
+from d2d import __version__
+from d2d.configs import BenchConfig, parse_int_list, parse_taus
+from d2d.errors import D2DError
+from d2d.flops import converted_ffn_flops, dense_ffn_macs, dense_flops
+from d2d.models import task_of
+from d2d.moe.convert import moe_layers
+from d2d.moe.routing import collecting, describe, routing
+from d2d.progress import Progress, null_progress
+
+DENSE = {"rule": "all"}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    except OSError:
+        pass
+    from d2d.moe import kernels
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "d2d": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "sparse_kernel": "available" if kernels.load() is not None else kernels.why_not(),
+    }
+
+
+def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each callable(rep), run in turn rep after rep after `warmup` rounds.
+    A callable that returns a number has timed itself (the part that counts)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            own = fn(r)
+            dt = own if own is not None else time.perf_counter() - t0
+            if r >= warmup:
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _policies(art, cfg: BenchConfig) -> list[tuple[str, dict]]:
+    out = []
+    if art.meta.get("routing") and not cfg.taus:
+        out.append((f"chosen ({describe(art.meta['routing'])})", art.meta["routing"]))
+    sink = (art.meta.get("routing") or {}).get("dense_positions", 0)
+    for t in parse_taus(cfg.taus) if cfg.taus else []:
+        out.append((f"tau {t:g}", {"rule": "tau", "tau": t, "dense_positions": sink}))
+    if not out:
+        raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --taus")
+    return out
+
+
+def _inputs(art, cfg: BenchConfig, layer: int, n_tokens: int) -> torch.Tensor:
+    """Real FFN inputs of `layer`: the model run (every expert) on the calibration split."""
+    from d2d.evaluate import batches_for, forward
+
+    moe = moe_layers(art.model)[layer]
+    seq = min(256, n_tokens) if task_of(art.model) == "causal-lm" else 256
+    # documents are padded to seq: ask for twice the tokens, keep the real ones
+    batches = batches_for(art.model, art.tokenizer, cfg.data, "calib", seq, 2 * n_tokens, cfg.seed)
+    got = []
+
+    def hook(mod, args):
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    h = moe.register_forward_pre_hook(hook)
+    n = 0
+    try:
+        with routing(art.model, DENSE):
+            for b in batches:
+                forward(art.model, b, bf16=False)
+                real = b.get("attention_mask")
+                if real is not None:  # padding is not a token anyone pays for
+                    got[-1] = got[-1][real.reshape(-1).bool()]
+                n += len(got[-1])
+                if n >= n_tokens:
+                    break
+    finally:
+        h.remove()
+    x = torch.cat(got)
+    if len(x) < n_tokens:
+        raise D2DError(
+            f"data {cfg.data} gave {len(x)} tokens for the layer benchmark, fewer than "
+            f"{n_tokens}: use more data or smaller --token-counts"
+        )
+    return x.contiguous()
+
+
+def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
+    moes = moe_layers(art.model)
+    layer = cfg.layer if cfg.layer >= 0 else sorted(moes)[len(moes) // 2]
+    if layer not in moes:
+        raise D2DError(f"layer {layer} is not converted: pick one of {sorted(moes)}")
+    moe = moes[layer]
+    counts = parse_int_list(cfg.token_counts, "token-counts")
+    x = _inputs(art, cfg, layer, max(counts))
+    dense_macs = moe.expert_macs() * moe.n_experts
+    rows = []
+    total = len(counts) * len(policies)
+    for n in counts:
+        span = len(x) - n + 1
+
+        def slab(r, n=n, span=span):
+            start = (r * max(n, 97)) % span  # another slice of tokens each repetition
+            return x[start : start + n]
+
+        for name, pol in policies:
+            with routing(art.model, pol), collecting(art.model) as stats, torch.no_grad():
+                for i in range(cfg.reps):
+                    moe(slab(i))
+                runs = moe.router is not None and moe.scores == "router" and moe.routes()
+                router = moe.router.macs() if runs else 0
+            flops = (stats[layer].fraction(moe.n_experts) * dense_macs + router) / dense_macs
+
+            def run(pol_):
+                def f(r):
+                    with routing(art.model, pol_), torch.no_grad():
+                        moe(slab(r))
+
+                return f
+
+            t = interleaved({"dense": run(DENSE), "d2d": run(pol)}, cfg.reps, cfg.warmup)
+            rows.append(
+                {
+                    "tokens": n,
+                    "routing": name,
+                    "flops_fraction": flops,
+                    "dense_ms": 1e3 * t["dense"],
+                    "d2d_ms": 1e3 * t["d2d"],
+                    "time_fraction": t["d2d"] / t["dense"],
+                }
+            )
+            progress("layer benchmark", len(rows), total)
+    return {
+        "layer": layer,
+        "n_experts": moe.n_experts,
+        "expert_size": moe.expert_size,
+        "rows": rows,
+    }
+
+
+def _prompt(art, cfg: BenchConfig, batch: int, length: int) -> torch.Tensor:
+    from d2d.data import lm_windows, load_corpus
+
+    corpus = load_corpus(cfg.data).split("calib", cfg.seed)
+    return lm_windows(art.tokenizer, corpus, length, batch)
+
+
+def _ffn_and_model_fraction(model, stats, seq_len: int, causal: bool) -> tuple[float, float]:
+    dense = dense_flops(model, seq_len, causal)
+    ffn = converted_ffn_flops(model, stats)
+    return ffn / dense.ffn, (dense.total - dense.ffn + ffn) / dense.total
+
+
+def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dict]:
+    model = art.model
+    causal = task_of(model) == "causal-lm"
+    limit = getattr(model.config, "max_position_embeddings", None) or cfg.prompt_len
+    plen = min(cfg.prompt_len, limit)
+    if causal:
+        prompt = {"input_ids": _prompt(art, cfg, 1, plen)}
+    else:
+        from d2d.data import encode_docs, load_corpus
+
+        corpus = load_corpus(cfg.data).split("calib", cfg.seed)
+        ids, mask, _ = encode_docs(art.tokenizer, corpus, plen, 1)
+        prompt = {"input_ids": ids, "attention_mask": torch.ones_like(mask)}
+    rows = []
+
+    def prefill(pol):
+        def f(r):
+            with routing(model, pol), torch.no_grad():
+                model(**prompt, **({"use_cache": False} if causal else {}))
+
+        return f
+
+    for name, pol in policies:
+        with routing(model, pol), collecting(model) as stats, torch.no_grad():
+            model(**prompt, **({"use_cache": False} if causal else {}))
+        ffn_f, model_f = _ffn_and_model_fraction(model, stats, plen, causal)
+        t = interleaved({"dense": prefill(DENSE), "d2d": prefill(pol)}, cfg.reps, cfg.warmup)
+        rows.append(
+            {
+                "measure": f"prefill {plen} tokens",
+                "routing": name,
+                "ffn_flops_fraction": ffn_f,
+                "model_flops_fraction": model_f,
+                "dense": 1e3 * t["dense"],
+                "d2d": 1e3 * t["d2d"],
+                "unit": "ms",
+                "speedup": t["dense"] / t["d2d"],
+            }
+        )
+        progress("model benchmark", len(rows), len(policies) * 4)
+        if not causal:
+            continue
+        for b in parse_int_list(cfg.decode_batch, "decode-batch"):
+            start = _prompt(art, cfg, b, cfg.decode_prompt)
+
+            def decode(pol_, start=start):
+                def f(r):
+                    with routing(model, pol_), torch.no_grad():
+                        return _decode_loop(model, start, cfg.new_tokens)
+
+                return f
+
+            with routing(model, pol), collecting(model) as dstats, torch.no_grad():
+                _decode_loop(model, start, cfg.new_tokens)
+            ctx = cfg.decode_prompt + cfg.new_tokens
+            ffn_f, model_f = _ffn_and_model_fraction(model, dstats, ctx, True)
+            t = interleaved({"dense": decode(DENSE), "d2d": decode(pol)}, cfg.reps, cfg.warmup)
+            tokens = b * cfg.new_tokens
+            rows.append(
+                {
+                    "measure": f"decode, batch {b}",
+                    "routing": name,
+                    "ffn_flops_fraction": ffn_f,
+                    "model_flops_fraction": model_f,
+                    "dense": tokens / t["dense"],
+                    "d2d": tokens / t["d2d"],
+                    "unit": "tokens/s",
+                    "speedup": t["dense"] / t["d2d"],
+                }
+            )
+            progress("model benchmark", len(rows), len(policies) * 4)
+    return rows
+
+
+def _decode_loop(model, prompt: torch.Tensor, n: int) -> float:
+    """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
+    of the n decode steps only."""
+    import inspect
+
+    # the KV cache is `cache` in newer transformers, `past_key_values` before
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=prompt, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = model(input_ids=tok, use_cache=True, **{name: out[name]})
+        tok = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t0
+
+
+def memory(art) -> dict:
+    """Tensor bytes of the converted model against the dense model's (routers and the neuron
+    permutation are what conversion adds)."""
+    total = added = 0
+    for name, t in list(art.model.named_parameters()) + list(art.model.named_buffers()):
+        b = t.numel() * t.element_size()
+        total += b
+        if ".router." in name or name.endswith(".perm"):
+            added += b
+    path = art.path / "model.safetensors" if art.path else None
+    disk = path.stat().st_size if path and path.exists() else None
+    return {
+        "tensor_bytes": total,
+        "dense_tensor_bytes": total - added,
+        "ratio": total / max(1, total - added),
+        "file_bytes": disk,
+    }
+
+
+def bench(art, cfg: BenchConfig, progress: Progress = null_progress) -> dict:
+    if not moe_layers(art.model):
+        raise D2DError("bench compares a converted model with its dense self: run d2d convert")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    art.model.float().eval()
+    policies = _policies(art, cfg)
+    out = {"machine": machine(), "config": asdict(cfg)}
+    out["layer"] = layer_bench(art, cfg, policies, progress)
+    out["model"] = model_bench(art, cfg, policies, progress) if cfg.model else []
+    out["memory"] = memory(art)
+    out["dense_ffn_macs_per_token"] = sum(dense_ffn_macs(art.model))
+    return out

@@ -1,0 +1,55 @@
+"""d2d bench: a short run on a tiny model, checked through its JSON report."""
+
+import json
+
+import pytest
+from d2d_cli.main import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+SHORT = ["--token-counts", "1,5", "--reps", "2", "--warmup", "1", "--prompt-len", "16"]
+SHORT += ["--decode-batch", "1,2", "--decode-prompt", "4", "--new-tokens", "3"]
+
+
+def test_bench_smoke_json(calibrated, tmp_path):
+    out = tmp_path / "bench.json"
+    res = runner.invoke(
+        app, ["bench", str(calibrated["calibrate"]), "--json", str(out), *SHORT],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())["metrics"]
+    assert {"cpu", "torch_threads", "torch", "sparse_kernel"} <= set(m["machine"])
+    rows = m["layer"]["rows"]
+    assert [r["tokens"] for r in rows] == [1, 5]
+    for r in rows:
+        assert 0 < r["flops_fraction"] <= 1.5 and r["dense_ms"] > 0 and r["d2d_ms"] > 0
+        assert r["time_fraction"] == pytest.approx(r["d2d_ms"] / r["dense_ms"])
+    measures = [r["measure"] for r in m["model"]]
+    assert measures == ["prefill 16 tokens", "decode, batch 1", "decode, batch 2"]
+    for r in m["model"]:
+        assert r["dense"] > 0 and r["d2d"] > 0 and 0 < r["model_flops_fraction"] <= 1.5
+    assert m["memory"]["ratio"] > 1 and m["memory"]["file_bytes"] > 0
+    assert "one FFN layer" in res.output and "speed-up" in res.output
+
+
+def test_bench_at_given_taus(calibrated):
+    res = runner.invoke(
+        app, ["bench", str(calibrated["calibrate"]), "--taus", "0,1", "--no-model", *SHORT]
+    )
+    assert res.exit_code == 0, res.output
+    from d2d.bench import bench
+    from d2d.configs import BenchConfig
+    from d2d.stages import open_input
+
+    art = open_input(str(calibrated["calibrate"]))
+    cfg = BenchConfig(taus="0,1", token_counts="3", reps=1, warmup=0, model=False)
+    rows = bench(art, cfg)["layer"]["rows"]
+    assert [r["routing"] for r in rows] == ["tau 0", "tau 1"]
+    assert rows[0]["flops_fraction"] == 1.0  # every expert, and no router to pay for
+    assert rows[1]["flops_fraction"] < 1.0
+
+
+def test_bench_needs_a_converted_model(model_dirs):
+    res = runner.invoke(app, ["bench", model_dirs["gated"], *SHORT])
+    assert res.exit_code == 2 and "convert" in res.stderr
