@@ -14,8 +14,9 @@ C++ kernel (compiled on first use with torch's JIT extension builder, cached aft
    buffer, then every token sums its experts' contributions: tokens in parallel, no races.
 
 The result equals the masked dense computation up to float summation order (tests assert it).
-Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes,
-non-CPU tensors), the caller falls back to the masked dense path.
+Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes),
+the caller falls back to the masked dense path. On a GPU, `grouped_ffn` runs the selected
+experts with one product per used expert in plain PyTorch.
 """
 
 from __future__ import annotations
@@ -260,3 +261,33 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 _EMPTY = torch.empty(0)
+
+
+def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same computation in plain PyTorch, on any device (the GPU path): tokens sorted by
+    expert, one product per used expert on its own weight slices, results added back per
+    token. Only the used experts' weights are read."""
+    E, s = moe.n_experts, moe.expert_size
+    tok, ex = mask.nonzero(as_tuple=True)
+    order = torch.argsort(ex, stable=True)
+    tok_e = tok[order]
+    counts = torch.bincount(ex, minlength=E).tolist()
+    xs = x.index_select(0, tok_e)
+    ys = torch.empty(len(tok_e), moe.d_model, dtype=x.dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = slice(e * s, (e + 1) * s)
+        seg = xs[start : start + c]
+        b_in = None if moe.b_in is None else moe.b_in[rows]
+        up = torch.nn.functional.linear(seg, moe.w_in[rows], b_in)
+        if moe.gated:
+            b_gate = None if moe.b_gate is None else moe.b_gate[rows]
+            h = moe.act(torch.nn.functional.linear(seg, moe.w_gate[rows], b_gate)) * up
+        else:
+            h = moe.act(up)
+        ys[start : start + c] = h @ moe.w_out[:, rows].t()
+        start += c
+    y = torch.zeros_like(x).index_add_(0, tok_e, ys)
+    return y if moe.b_out is None else y + moe.b_out

@@ -170,29 +170,35 @@ class MoEFFN(nn.Module):
     SPARSE_MAX_FRACTION = 0.8
 
     def _sparse_ok(self, x2: torch.Tensor) -> bool:
+        """Whether this call may run only the selected experts (inference with router scores);
+        False keeps the masked reference computation."""
         from d2d.moe import kernels
 
-        return (
+        if not (
             self.execution == "sparse"
             and self.capture is None
             and self.scores == "router"
             and self.routes()
+            and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x2.device.type)
-            and kernels.applies(x2, self.w_in, self.w_out)
-            and kernels.load() is not None
-        )
+        ):
+            return False
+        if x2.device.type == "cuda":
+            return True  # grouped_ffn
+        return kernels.applies(x2, self.w_in, self.w_out) and kernels.load() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._sparse_ok(x2):
-            from d2d.moe.kernels import sparse_ffn
+            from d2d.moe import kernels
 
             mask = self.select(x2, None)
             if self.stats is not None:
                 self._record(mask, x2.shape[0])
             if mask.sum() <= self.SPARSE_MAX_FRACTION * mask.numel():
-                return sparse_ffn(self, x2, mask).view(*shape[:-1], self.d_model)
+                run = kernels.grouped_ffn if x2.device.type == "cuda" else kernels.sparse_ffn
+                return run(self, x2, mask).view(*shape[:-1], self.d_model)
             h = self.hidden(x2)
             h = (h.view(-1, self.n_experts, self.expert_size) * mask.unsqueeze(-1)).flatten(1)
             return F.linear(h, self.w_out, self.b_out).view(*shape[:-1], self.d_model)
