@@ -28,11 +28,18 @@ def masked_reference(moe: MoEFFN, x: torch.Tensor, mask: torch.Tensor) -> torch.
     return F.linear(h, moe.w_out, moe.b_out)
 
 
+def _hf(name):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
 ACTS = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU(), "gelu-tanh": torch.nn.GELU("tanh")}
-ACTS["relu"] = torch.nn.ReLU()
+ACTS |= {"relu": torch.nn.ReLU(), "mish (not fused)": torch.nn.Mish()}
+ACTS |= {f"hf {n}": _hf(n) for n in ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh")}
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 def test_sparse_ffn_equals_masked_on_random_shapes(seed):
     g = torch.Generator().manual_seed(seed)
 
@@ -52,9 +59,16 @@ def test_sparse_ffn_equals_masked_on_random_shapes(seed):
     with torch.no_grad():
         got = kernels.sparse_ffn(moe, x, mask)
         grouped = kernels.grouped_ffn(moe, x, mask)  # the GPU path, run here on the CPU
+        fused = kernels.fused_ffn(moe, x, mask, 1.0)  # one call, activation in C++
         want = masked_reference(moe, x, mask)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
+    if isinstance(act, torch.nn.Mish):
+        assert fused is None  # an activation the kernel does not know: PyTorch applies it
+    else:
+        torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+        if mask.sum() > 1:  # above the fraction limit the caller takes the dense product
+            assert kernels.fused_ffn(moe, x, mask, 0.5 * float(mask.float().mean())) is None
 
 
 def routed_model(family: str, seed: int = 0):
@@ -94,16 +108,22 @@ def test_other_rules_take_the_sparse_path_too(rule):
         rule = {**rule, "thresholds": {str(i): 0.7 for i in moe_layers(m)}}
     ids = torch.randint(1, 96, (2, 9))
     calls = []
-    orig = kernels.sparse_ffn
-    kernels.sparse_ffn = lambda *a: calls.append(1) or orig(*a)
+    orig = kernels.fused_ffn
+
+    def counted(*a):
+        y = orig(*a)
+        calls.append(y is not None)
+        return y
+
+    kernels.fused_ffn = counted
     try:
         with routing(m, rule):
             got = outputs(m, input_ids=ids)
             with execution(m, "masked"):
                 want = outputs(m, input_ids=ids)
     finally:
-        kernels.sparse_ffn = orig
-    assert calls, "the sparse kernel was not used"
+        kernels.fused_ffn = orig
+    assert any(calls), "the sparse kernel was not used"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -29,6 +29,7 @@ import torch
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 using torch::Tensor;
@@ -185,7 +186,57 @@ Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& ex, const T
   return y;
 }
 
+static inline float activate(float v, int64_t act) {
+  switch (act) {
+    case 0: return v / (1.f + std::exp(-v));  // SiLU
+    case 1: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));  // GELU (erf)
+    case 2: {  // GELU, tanh approximation
+      const float k = 0.7978845608028654f;
+      return 0.5f * v * (1.f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    }
+    default: return v > 0.f ? v : 0.f;  // ReLU
+  }
+}
+
+// The whole sparse FFN in one call (fewer framework round trips: what decoding one token at a
+// time pays for): pairs, pre-activations, activation (and gate product), biases, down
+// projection. Returns an empty tensor when more than max_pairs pairs are selected (the dense
+// product is then faster and the caller uses it).
+Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
+           const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
+           int64_t s, int64_t act, int64_t max_pairs) {
+  auto r = route(mask);
+  const Tensor &ex = r[0], &toff = r[1], &tok = r[2], &pos = r[3], &off = r[4], &used = r[5];
+  const int64_t P = ex.numel();
+  if (P > max_pairs) return torch::empty({0}, x.options());
+  const bool gated = w_gate.numel() > 0;
+  Tensor up = torch::empty({P, s}, x.options());
+  Tensor gate = gated ? torch::empty({P, s}, x.options()) : torch::empty({0}, x.options());
+  pairs_in(x, w_in, w_gate, tok, pos, off, up, gate, s);
+  float* U = up.data_ptr<float>();
+  const float* G = gated ? gate.data_ptr<float>() : nullptr;
+  const float* BI = b_in.numel() ? b_in.data_ptr<float>() : nullptr;
+  const float* BG = b_gate.numel() ? b_gate.data_ptr<float>() : nullptr;
+  const int64_t* X = ex.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static) if (P > 256)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t base = X[p] * s;
+    for (int64_t j = 0; j < s; ++j) {
+      float u = U[p * s + j] + (BI ? BI[base + j] : 0.f);
+      if (gated)
+        u *= activate(G[p * s + j] + (BG ? BG[base + j] : 0.f), act);
+      else
+        u = activate(u, act);
+      U[p * s + j] = u;
+    }
+  }
+  Tensor y = pairs_out(up, w_out, ex, toff, used, s);
+  if (b_out.numel()) y.add_(b_out);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ffn", &ffn);
   m.def("route", &route);
   m.def("pairs_in", &pairs_in);
   m.def("pairs_out", &pairs_out);
@@ -211,7 +262,7 @@ def load():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(
-                    name="d2d_moe_cpu_v2",
+                    name="d2d_moe_cpu_v3",
                     cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
@@ -234,6 +285,48 @@ def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         and not torch.is_grad_enabled()
         and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
     )
+
+
+# activation modules the fused kernel computes itself (transformers' and torch's names)
+_ACT_CODES = {
+    "SiLU": 0,
+    "SiLUActivation": 0,
+    "GELUActivation": 1,
+    "NewGELUActivation": 2,
+    "GELUTanh": 2,
+    "PytorchGELUTanh": 2,
+    "ReLU": 3,
+}
+
+
+def act_code(act) -> int:
+    """The fused kernel's code for an activation module, or -1 (then PyTorch applies it)."""
+    name = type(act).__name__
+    if name == "GELU":
+        return 2 if getattr(act, "approximate", "none") == "tanh" else 1
+    return _ACT_CODES.get(name, -1)  # transformers' GELUActivation is the erf GELU either way
+
+
+def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
+    """The whole sparse FFN in one kernel call, or None when more than `max_fraction` of the
+    (token, expert) pairs are selected or the activation is not one the kernel knows."""
+    code = act_code(moe.act)
+    if code < 0:
+        return None
+    y = load().ffn(
+        x.contiguous(),
+        mask.contiguous(),
+        moe.w_in,
+        _EMPTY if moe.b_in is None else moe.b_in,
+        moe.w_gate if moe.gated else _EMPTY,
+        _EMPTY if moe.b_gate is None else moe.b_gate,
+        moe.w_out,
+        _EMPTY if moe.b_out is None else moe.b_out,
+        moe.expert_size,
+        code,
+        int(max_fraction * mask.numel()),
+    )
+    return y if y.numel() or x.shape[0] == 0 else None
 
 
 def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
