@@ -31,8 +31,17 @@ def handled(debug: bool):
     """Library errors become one line on stderr and exit code 2; no traceback unless --debug.
     Ctrl-C exits 130 (128 + SIGINT) after the stage's atomic write has removed its temporary
     output; the yielded dict's "kept" names what deliberately stays (checkpoints)."""
+    import signal
+
     from d2d.errors import D2DError
 
+    def terminated(signum, frame):  # a scheduler's SIGTERM: clean up as for Ctrl-C
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        pass
     state = {"kept": ""}
     try:
         yield state

@@ -24,7 +24,8 @@ from torch import nn
 from d2d import __version__
 from d2d.errors import D2DError, StageOrderError
 
-FORMAT_VERSION = 1
+# 2: MoE down projections (w_out) stored [f, d]; format 1 stored them [d, f] (read by transposing)
+FORMAT_VERSION = 2
 META = "d2d.json"
 WEIGHTS = "model.safetensors"
 
@@ -275,7 +276,7 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
         raise D2DError(f"{path / META} has an incomplete stage record ({e}): re-run") from e
     _check_structure(path, meta)
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+        missing, unexpected = _load_weights(model, path / WEIGHTS, meta["format_version"])
     except (SafetensorError, OSError, RuntimeError) as e:
         first = str(e).splitlines()[0]
         raise D2DError(
@@ -298,6 +299,18 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise D2DError(f"{path / META} has a malformed routing ({e}): re-run calibrate") from e
     return art
+
+
+def _load_weights(model: nn.Module, file: Path, format_version: int):
+    if format_version >= 2:
+        return load_model(model, str(file), strict=False)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(file))  # format 1: MoE down projections were [d, f]
+    for k, v in sd.items():
+        if k.endswith(".w_out") and v.dim() == 2:
+            sd[k] = v.t().contiguous()
+    return model.load_state_dict(sd, strict=False)
 
 
 def _untied_missing(model: nn.Module, missing: list[str]) -> list[str]:

@@ -161,7 +161,7 @@ class Sensitivity:
                 if keep_all is not None:
                     mask |= keep_all[:, None]
                 dropped = (h.view(-1, E, s) * (~mask).unsqueeze(-1)).view(-1, E * s)
-                c = ((g * F.linear(dropped, m.w_out.float())).sum(-1)) ** 2
+                c = ((g * (dropped @ m.w_out.float())).sum(-1)) ** 2
                 if tm is not None:
                     c, mask = c[tm], mask[tm]
                 fr.append(float(mask.float().mean()))

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from d2d.artifact import Artifact, load, load_artifact, new_meta, save
+from d2d.artifact import FORMAT_VERSION, Artifact, load, load_artifact, new_meta, save
 from d2d.errors import D2DError, StageOrderError
 from d2d.moe.convert import ConvertConfig
 from d2d.moe.routers import TrainRoutersConfig
@@ -44,7 +44,7 @@ def test_round_trip_gives_identical_outputs(routed, model_dirs):
 def test_lineage_records_each_stage(routed):
     meta = json.loads((routed / "r" / "d2d.json").read_text())
     assert [s["stage"] for s in meta["stages"]] == ["convert", "train-routers"]
-    assert meta["format_version"] == 1 and meta["base"]["task"] == "causal-lm"
+    assert meta["format_version"] == FORMAT_VERSION == 2 and meta["base"]["task"] == "causal-lm"
     tr = meta["stages"][1]
     assert tr["config"]["steps"] == 20 and tr["structure"] == {"hidden": 16}
     assert (

@@ -25,7 +25,7 @@ def test_the_kernels_build():
 def masked_reference(moe: MoEFFN, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     h = moe.hidden(x)
     h = (h.view(-1, moe.n_experts, moe.expert_size) * mask.unsqueeze(-1)).flatten(1)
-    return F.linear(h, moe.w_out, moe.b_out)
+    return F.linear(h, moe.w_out.t(), moe.b_out)
 
 
 def _hf(name):

@@ -379,9 +379,11 @@ def _wait_for(pred, proc, timeout=120):
         time.sleep(0.1)
 
 
-def test_sigint_while_saving_leaves_nothing(model_dirs, tmp_path):
-    """SIGINT arrives while the artifact is being written (the weights file is on disk, the
-    rename has not happened): the temporary folder is removed and the exit code is 130."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_saving_leaves_nothing(sig, model_dirs, tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler) arrives while the artifact is being written (the
+    weights file is on disk, the rename has not happened): the temporary folder is removed and
+    the exit code is 130."""
     marker = tmp_path / "writing"
     script = tmp_path / "slow_save.py"
     script.write_text(
@@ -408,7 +410,7 @@ def test_sigint_while_saving_leaves_nothing(model_dirs, tmp_path):
     _wait_for(marker.exists, p)
     partial = Path(marker.read_text())
     assert partial.exists() and ".tmp-" in partial.parent.name  # caught mid-write
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert err.strip().startswith("interrupted:") and "Traceback" not in err

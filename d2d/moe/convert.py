@@ -137,7 +137,7 @@ def convert(model: nn.Module, cfg: ConvertConfig, progress: Progress = null_prog
         labels = balanced_kmeans(keys, n_experts, seed=cfg.seed + i)
         perm = torch.from_numpy(permutation_from_labels(labels)).to(w.w_in.device)
         moe.w_in.copy_(w.w_in[perm])
-        moe.w_out.copy_(w.w_out[:, perm])
+        moe.w_out.copy_(w.w_out[:, perm].t())
         if moe.w_gate is not None:
             moe.w_gate.copy_(w.w_gate[perm])
         if moe.b_in is not None:

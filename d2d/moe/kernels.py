@@ -10,8 +10,8 @@ C++ kernel (compiled on first use with torch's JIT extension builder, cached aft
    Unselected experts' weights are never read.
 2. the activation, the gate product and biases, in PyTorch on the [pairs, expert_size] values
    (so every activation function behaves exactly as in the model);
-3. `pairs_out`: the selected experts' down-projection blocks are transposed into a scratch
-   buffer, then every token sums its experts' contributions: tokens in parallel, no races.
+3. `pairs_out`: every token sums its experts' down-projection rows (w_out is stored [f, d],
+   so an expert's block is contiguous): tokens in parallel, no races.
 
 The result equals the masked dense computation up to float summation order (tests assert it).
 Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes),
@@ -36,7 +36,7 @@ using torch::Tensor;
 
 // From the [N, E] boolean mask: the (token, expert) pairs in token order (their expert `ex`,
 // per-token offsets `toff`), and in expert order (their token `tok`, their position in token
-// order `pos`, per-expert offsets `off`); `used` lists the experts that run at all.
+// order `pos`, per-expert offsets `off`).
 std::vector<Tensor> route(const Tensor& mask) {
   const int64_t N = mask.size(0), E = mask.size(1);
   const bool* M = mask.data_ptr<bool>();
@@ -59,7 +59,7 @@ std::vector<Tensor> route(const Tensor& mask) {
   Tensor ex = torch::empty({P}, opt), tok = torch::empty({P}, opt), pos = torch::empty({P}, opt);
   int64_t *X = ex.data_ptr<int64_t>(), *T = tok.data_ptr<int64_t>(), *Q = pos.data_ptr<int64_t>();
   std::vector<int64_t> fill(O, O + E);
-  int64_t p = 0, nused = 0;
+  int64_t p = 0;
   for (int64_t t = 0; t < N; ++t)
     for (int64_t e = 0; e < E; ++e)
       if (M[t * E + e]) {
@@ -68,12 +68,7 @@ std::vector<Tensor> route(const Tensor& mask) {
         T[q] = t;
         Q[q] = p++;
       }
-  for (int64_t e = 0; e < E; ++e) nused += O[e + 1] > O[e];
-  Tensor used = torch::empty({nused}, opt);
-  int64_t* U = used.data_ptr<int64_t>();
-  for (int64_t e = 0, u = 0; e < E; ++e)
-    if (O[e + 1] > O[e]) U[u++] = e;
-  return {ex, toff, tok, pos, off, used};
+  return {ex, toff, tok, pos, off};
 }
 
 // For the pairs of each expert e (expert order): A[pos, j] = W1[e*s+j] . x[tok] and, when
@@ -136,38 +131,24 @@ void pairs_in(const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor&
   }
 }
 
-// y[t, :] = sum over token t's pairs (token order) of h[p, :] @ w_out[:, e*s : (e+1)*s]^T
+// y[t, :] = sum over token t's pairs (token order) of h[p, :] @ w_out[e*s : (e+1)*s, :], where
+// w_out is [f, d] (rows per neuron): each expert's block is contiguous, read as it is stored
 Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& ex, const Tensor& toff,
-                 const Tensor& used, int64_t s) {
-  const int64_t d = w_out.size(0), f = w_out.size(1), N = toff.numel() - 1;
-  const int64_t E = f / s, U = used.numel();
+                 int64_t s) {
+  const int64_t d = w_out.size(1), N = toff.numel() - 1;
   const float* H = h.data_ptr<float>();
   const float* Wo = w_out.data_ptr<float>();
   const int64_t* X = ex.data_ptr<int64_t>();
   const int64_t* TO = toff.data_ptr<int64_t>();
-  const int64_t* Us = used.data_ptr<int64_t>();
-  std::vector<int64_t> slot(E, -1);
-  for (int64_t u = 0; u < U; ++u) slot[Us[u]] = u;
-  // the used experts' blocks transposed to [s, d]: a token's update becomes contiguous rows
-  std::vector<float> wt(U * s * d);
-#pragma omp parallel for schedule(static)
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t e = Us[u];
-    float* dst = wt.data() + u * s * d;
-    for (int64_t c = 0; c < d; ++c) {
-      const float* src = Wo + c * f + e * s;
-      for (int64_t j = 0; j < s; ++j) dst[j * d + c] = src[j];
-    }
-  }
   Tensor y = torch::empty({N, d}, h.options());
   float* Y = y.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for schedule(dynamic, 8) if (N > 1)
   for (int64_t t = 0; t < N; ++t) {
     float* yr = Y + t * d;
     std::fill(yr, yr + d, 0.f);
     for (int64_t p = TO[t]; p < TO[t + 1]; ++p) {
       const float* hr = H + p * s;
-      const float* blk = wt.data() + slot[X[p]] * s * d;
+      const float* blk = Wo + X[p] * s * d;
       int64_t j = 0;
       for (; j + 4 <= s; j += 4) {  // four rows per pass over y: fewer loads and stores of y
         const float h0 = hr[j], h1 = hr[j + 1], h2 = hr[j + 2], h3 = hr[j + 3];
@@ -206,7 +187,7 @@ Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor
            const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
            int64_t s, int64_t act, int64_t max_pairs) {
   auto r = route(mask);
-  const Tensor &ex = r[0], &toff = r[1], &tok = r[2], &pos = r[3], &off = r[4], &used = r[5];
+  const Tensor &ex = r[0], &toff = r[1], &tok = r[2], &pos = r[3], &off = r[4];
   const int64_t P = ex.numel();
   if (P > max_pairs) return torch::empty({0}, x.options());
   const bool gated = w_gate.numel() > 0;
@@ -230,7 +211,7 @@ Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor
       U[p * s + j] = u;
     }
   }
-  Tensor y = pairs_out(up, w_out, ex, toff, used, s);
+  Tensor y = pairs_out(up, w_out, ex, toff, s);
   if (b_out.numel()) y.add_(b_out);
   return y;
 }
@@ -262,7 +243,7 @@ def load():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(
-                    name="d2d_moe_cpu_v3",
+                    name="d2d_moe_cpu_v4",
                     cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
@@ -334,7 +315,7 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     k = load()
     E, s = moe.n_experts, moe.expert_size
     x = x.contiguous()
-    ex, toff, tok, pos, off, used = k.route(mask.contiguous())
+    ex, toff, tok, pos, off = k.route(mask.contiguous())
     pairs = ex.numel()
     up = torch.empty(pairs, s)
     gate = torch.empty(pairs, s) if moe.gated else _EMPTY
@@ -347,7 +328,7 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = moe.act(gate).mul_(up)
     else:
         h = moe.act(up)
-    y = k.pairs_out(h.contiguous(), moe.w_out, ex, toff, used, s)
+    y = k.pairs_out(h.contiguous(), moe.w_out, ex, toff, s)
     if moe.b_out is not None:
         y += moe.b_out
     return y
@@ -380,7 +361,7 @@ def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             h = moe.act(torch.nn.functional.linear(seg, moe.w_gate[rows], b_gate)) * up
         else:
             h = moe.act(up)
-        ys[start : start + c] = h @ moe.w_out[:, rows].t()
+        ys[start : start + c] = h @ moe.w_out[rows]
         start += c
     y = torch.zeros_like(x).index_add_(0, tok_e, ys)
     return y if moe.b_out is None else y + moe.b_out

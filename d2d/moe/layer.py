@@ -1,8 +1,9 @@
 """The converted FFN: experts are equal-size groups of the FFN's neurons, plus a router.
 
-Weights keep nn.Linear layout with neurons permuted so that expert e owns rows
-[e*s, (e+1)*s) of `w_in` (and `w_gate`) and the same columns of `w_out`. Executing every expert
-is therefore the dense FFN with its neurons reordered: the same function.
+Neurons are permuted so that expert e owns rows [e*s, (e+1)*s) of `w_in` and `w_gate` ([f, d],
+nn.Linear layout) and the same rows of `w_out`, which is stored [f, d] (the transpose of the
+down projection's nn.Linear weight) so that every expert's weights are contiguous rows.
+Executing every expert is therefore the dense FFN with its neurons reordered: the same function.
 
 Which experts run is a routing policy (plain attributes, not weights) set by `set_routing`.
 """
@@ -97,7 +98,7 @@ class MoEFFN(nn.Module):
         self.b_in = nn.Parameter(torch.empty(f, **kw)) if bias_in else None
         self.w_gate = nn.Parameter(torch.empty(f, d_model, **kw)) if gated else None
         self.b_gate = nn.Parameter(torch.empty(f, **kw)) if (gated and bias_in) else None
-        self.w_out = nn.Parameter(torch.empty(d_model, f, **kw))
+        self.w_out = nn.Parameter(torch.empty(f, d_model, **kw))  # [f, d]: rows per neuron
         self.b_out = nn.Parameter(torch.empty(d_model, **kw)) if bias_out else None
         # original neuron index of each permuted neuron: maps experts back to the dense FFN
         self.register_buffer("perm", torch.arange(f, device=device))
@@ -131,14 +132,18 @@ class MoEFFN(nn.Module):
             return self.act(F.linear(x, self.w_gate, self.b_gate)) * up
         return self.act(up)
 
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """The down projection of intermediate activations [N, f] (every neuron)."""
+        return F.linear(h, self.w_out.t(), self.b_out)
+
     def expert_norms(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """True L2 norm of each expert's output [N, E] (the quantity routers regress)."""
         n, (E, s) = h.shape[0], (self.n_experts, self.expert_size)
-        w = self.w_out.view(self.d_model, E, s)
+        w = self.w_out.view(E, s, self.d_model)
         out = []
         for i in range(0, n, chunk):
             hc = h[i : i + chunk].view(-1, E, s)
-            out.append(torch.einsum("nes,des->ned", hc, w.to(hc.dtype)).norm(dim=-1))
+            out.append(torch.einsum("nes,esd->ned", hc, w.to(hc.dtype)).norm(dim=-1))
         return torch.cat(out) if out else h.new_zeros(0, E)
 
     def routes(self) -> bool:
@@ -208,7 +213,7 @@ class MoEFFN(nn.Module):
                 return y.view(*shape[:-1], self.d_model)
             h = self.hidden(x2)
             h = (h.view(-1, self.n_experts, self.expert_size) * mask.unsqueeze(-1)).flatten(1)
-            return F.linear(h, self.w_out, self.b_out).view(*shape[:-1], self.d_model)
+            return self.down(h).view(*shape[:-1], self.d_model)
         h = self.hidden(x2)
         if self.capture is not None:
             self.capture(x2, h)
@@ -218,7 +223,7 @@ class MoEFFN(nn.Module):
             h = (h.view(-1, E, s) * mask.unsqueeze(-1).to(h.dtype)).view(-1, E * s)
         if self.stats is not None:
             self._record(mask, x2.shape[0])
-        y = F.linear(h, self.w_out, self.b_out)
+        y = self.down(h)
         return y.view(*shape[:-1], self.d_model)
 
     def _record(self, mask: torch.Tensor | None, n: int) -> None:
