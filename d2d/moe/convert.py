@@ -59,6 +59,7 @@ def _install_context(model: nn.Module) -> RoutingContext:
                 pos = torch.arange(past_len, past_len + t, device=ids.device).expand(b, t)
             ctx.token_mask = am if am is not None and am.shape == (b, t) else None
         ctx.positions = pos
+        ctx.min_position = int(pos.min()) if pos.numel() else 0
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model._d2d_context = ctx

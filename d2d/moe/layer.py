@@ -40,6 +40,9 @@ class RoutingContext:
     """Per-forward facts shared by all MoE layers of a model (set by a model pre-hook)."""
 
     positions: torch.Tensor | None = None  # [B, T] position of each token in its sequence
+    # the smallest position in this forward (read once per forward, not once per layer): a
+    # decoding step past the sink needs no sink test in any layer
+    min_position: int = 0
     token_mask: torch.Tensor | None = None  # [B, T] 1 for real tokens, 0 for padding
 
 
@@ -167,7 +170,8 @@ class MoEFFN(nn.Module):
             scores = self.router(x.to(self.router.fc1.weight.dtype))
         mask = rule_mask(self.rule, scores, tau=self.tau, k=self.k, threshold=self.threshold)
         pos = self.context.positions
-        if self.dense_positions > 0 and pos is not None and pos.numel() == mask.shape[0]:
+        sink = self.dense_positions > self.context.min_position
+        if sink and pos is not None and pos.numel() == mask.shape[0]:
             mask |= (pos.reshape(-1) < self.dense_positions)[:, None]
         return mask
 
