@@ -146,9 +146,12 @@ def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
             flops = (stats[layer].fraction(moe.n_experts) * dense_macs + router) / dense_macs
 
             def run(pol_):
-                def f(r):
+                def f(r):  # times the layer call only, not the switch of routing
+                    xs = slab(r)
                     with routing(art.model, pol_), torch.no_grad():
-                        moe(slab(r))
+                        t0 = time.perf_counter()
+                        moe(xs)
+                        return time.perf_counter() - t0
 
                 return f
 
@@ -203,7 +206,9 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
     def prefill(pol):
         def f(r):
             with routing(model, pol), torch.no_grad():
+                t0 = time.perf_counter()
                 model(**prompt, **({"use_cache": False} if causal else {}))
+                return time.perf_counter() - t0
 
         return f
 

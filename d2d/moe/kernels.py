@@ -10,8 +10,9 @@ C++ kernel (compiled on first use with torch's JIT extension builder, cached aft
    Unselected experts' weights are never read.
 2. the activation, the gate product and biases, in PyTorch on the [pairs, expert_size] values
    (so every activation function behaves exactly as in the model);
-3. `pairs_out`: every token sums its experts' down-projection rows (w_out is stored [f, d],
-   so an expert's block is contiguous): tokens in parallel, no races.
+3. `pairs_out`: each expert adds its down-projection rows (w_out is stored [f, d], so an
+   expert's block is contiguous and stays in cache) into its tokens' outputs: experts in
+   parallel, each thread into its own copy of the output, summed at the end.
 
 The result equals the masked dense computation up to float summation order (tests assert it).
 Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes),
@@ -31,6 +32,9 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 using torch::Tensor;
 
@@ -131,38 +135,61 @@ void pairs_in(const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor&
   }
 }
 
-// y[t, :] = sum over token t's pairs (token order) of h[p, :] @ w_out[e*s : (e+1)*s, :], where
-// w_out is [f, d] (rows per neuron): each expert's block is contiguous, read as it is stored
-Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& ex, const Tensor& toff,
-                 int64_t s) {
-  const int64_t d = w_out.size(1), N = toff.numel() - 1;
+// y[t, :] = sum over token t's pairs of h[pos, :] @ w_out[e*s : (e+1)*s, :], where w_out is
+// [f, d] (rows per neuron). Expert-major, like pairs_in: an expert's block (s x d floats) stays
+// in cache while all its tokens use it; each thread adds into its own copy of y (no races),
+// and the copies are summed at the end.
+Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& tok, const Tensor& pos,
+                 const Tensor& off, int64_t n_tokens, int64_t s) {
+  const int64_t d = w_out.size(1), N = n_tokens, E = off.numel() - 1;
   const float* H = h.data_ptr<float>();
   const float* Wo = w_out.data_ptr<float>();
-  const int64_t* X = ex.data_ptr<int64_t>();
-  const int64_t* TO = toff.data_ptr<int64_t>();
-  Tensor y = torch::empty({N, d}, h.options());
-  float* Y = y.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 8) if (N > 1)
-  for (int64_t t = 0; t < N; ++t) {
-    float* yr = Y + t * d;
-    std::fill(yr, yr + d, 0.f);
-    for (int64_t p = TO[t]; p < TO[t + 1]; ++p) {
-      const float* hr = H + p * s;
-      const float* blk = Wo + X[p] * s * d;
-      int64_t j = 0;
-      for (; j + 4 <= s; j += 4) {  // four rows per pass over y: fewer loads and stores of y
-        const float h0 = hr[j], h1 = hr[j + 1], h2 = hr[j + 2], h3 = hr[j + 3];
-        const float *w0 = blk + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+  const int64_t* T = tok.data_ptr<int64_t>();
+  const int64_t* Q = pos.data_ptr<int64_t>();
+  const int64_t* O = off.data_ptr<int64_t>();
+#ifdef _OPENMP
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), (int)E));
+#else
+  const int nt = 1;
+#endif
+  std::vector<float> buf((size_t)nt * N * d, 0.f);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    float* Yt = buf.data() + (size_t)omp_get_thread_num() * N * d;
+#else
+    float* Yt = buf.data();
+#endif
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t e = 0; e < E; ++e) {
+      const float* blk = Wo + e * s * d;
+      for (int64_t p = O[e]; p < O[e + 1]; ++p) {
+        float* yr = Yt + T[p] * d;
+        const float* hr = H + Q[p] * s;
+        int64_t j = 0;
+        for (; j + 4 <= s; j += 4) {  // four rows per pass over y: fewer loads and stores of y
+          const float h0 = hr[j], h1 = hr[j + 1], h2 = hr[j + 2], h3 = hr[j + 3];
+          const float *w0 = blk + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) yr[c] += h0 * w0[c] + h1 * w1[c] + h2 * w2[c] + h3 * w3[c];
-      }
-      for (; j < s; ++j) {
-        const float hv = hr[j];
-        const float* w = blk + j * d;
+          for (int64_t c = 0; c < d; ++c)
+            yr[c] += h0 * w0[c] + h1 * w1[c] + h2 * w2[c] + h3 * w3[c];
+        }
+        for (; j < s; ++j) {
+          const float hv = hr[j];
+          const float* w = blk + j * d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) yr[c] += hv * w[c];
+          for (int64_t c = 0; c < d; ++c) yr[c] += hv * w[c];
+        }
       }
     }
+  }
+  Tensor y = torch::empty({N, d}, h.options());
+  float* Y = y.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (N * d > 65536)
+  for (int64_t i = 0; i < N * d; ++i) {
+    float v = buf[i];
+    for (int k = 1; k < nt; ++k) v += buf[(size_t)k * N * d + i];
+    Y[i] = v;
   }
   return y;
 }
@@ -183,13 +210,12 @@ static inline float activate(float v, int64_t act) {
 // time pays for): pairs, pre-activations, activation (and gate product), biases, down
 // projection. Returns an empty tensor when more than max_pairs pairs are selected (the dense
 // product is then faster and the caller uses it).
-Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
-           const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
-           int64_t s, int64_t act, int64_t max_pairs) {
+Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
+                 const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out,
+                 const Tensor& b_out, int64_t s, int64_t act) {
   auto r = route(mask);
   const Tensor &ex = r[0], &toff = r[1], &tok = r[2], &pos = r[3], &off = r[4];
   const int64_t P = ex.numel();
-  if (P > max_pairs) return torch::empty({0}, x.options());
   const bool gated = w_gate.numel() > 0;
   Tensor up = torch::empty({P, s}, x.options());
   Tensor gate = gated ? torch::empty({P, s}, x.options()) : torch::empty({0}, x.options());
@@ -211,8 +237,28 @@ Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor
       U[p * s + j] = u;
     }
   }
-  Tensor y = pairs_out(up, w_out, ex, toff, s);
+  Tensor y = pairs_out(up, w_out, tok, pos, off, x.size(0), s);
   if (b_out.numel()) y.add_(b_out);
+  return y;
+}
+
+Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
+           const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
+           int64_t s, int64_t act, int64_t max_pairs) {
+  const bool* M = mask.data_ptr<bool>();
+  int64_t pairs = 0;
+  for (int64_t i = 0, n = mask.numel(); i < n; ++i) pairs += M[i];
+  if (pairs > max_pairs) return torch::empty({0}, x.options());
+  // chunks of tokens: a chunk's inputs, pre-activations and outputs stay in cache
+  constexpr int64_t CH = 512;
+  const int64_t N = x.size(0);
+  if (N <= CH) return ffn_chunk(x, mask, w_in, b_in, w_gate, b_gate, w_out, b_out, s, act);
+  Tensor y = torch::empty({N, w_out.size(1)}, x.options());
+  for (int64_t a = 0; a < N; a += CH) {
+    const int64_t n = std::min(CH, N - a);
+    y.narrow(0, a, n).copy_(ffn_chunk(x.narrow(0, a, n), mask.narrow(0, a, n), w_in, b_in, w_gate,
+                                      b_gate, w_out, b_out, s, act));
+  }
   return y;
 }
 
@@ -243,7 +289,7 @@ def load():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(
-                    name="d2d_moe_cpu_v4",
+                    name="d2d_moe_cpu_v5",
                     cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
@@ -328,7 +374,7 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = moe.act(gate).mul_(up)
     else:
         h = moe.act(up)
-    y = k.pairs_out(h.contiguous(), moe.w_out, ex, toff, s)
+    y = k.pairs_out(h.contiguous(), moe.w_out, tok, pos, off, x.shape[0], s)
     if moe.b_out is not None:
         y += moe.b_out
     return y
