@@ -182,10 +182,15 @@ def _prompt(art, cfg: BenchConfig, batch: int, length: int) -> torch.Tensor:
     return lm_windows(art.tokenizer, corpus, length, batch)
 
 
-def _ffn_and_model_fraction(model, stats, seq_len: int, causal: bool) -> tuple[float, float]:
+def _ffn_and_model_fraction(
+    model, stats, seq_len: int, causal: bool, head: bool = True
+) -> tuple[float, float]:
+    """FFN and whole-model FLOPs fractions per token (head=False: a prefill that computes the
+    LM head for the last position only)."""
     dense = dense_flops(model, seq_len, causal)
     ffn = converted_ffn_flops(model, stats)
-    return ffn / dense.ffn, (dense.total - dense.ffn + ffn) / dense.total
+    total = dense.total - (0.0 if head else dense.head)
+    return ffn / dense.ffn, (total - dense.ffn + ffn) / total
 
 
 def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dict]:
@@ -194,7 +199,11 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.prompt_len
     plen = min(cfg.prompt_len, limit)
     if causal:
-        prompt = {"input_ids": _prompt(art, cfg, 1, plen)}
+        prompt = {"input_ids": _prompt(art, cfg, 1, plen), "use_cache": False}
+        import inspect
+
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            prompt["logits_to_keep"] = 1  # as generate() prefills: the next token's logits only
     else:
         from d2d.data import encode_docs, load_corpus
 
@@ -207,15 +216,16 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
         def f(r):
             with routing(model, pol), torch.no_grad():
                 t0 = time.perf_counter()
-                model(**prompt, **({"use_cache": False} if causal else {}))
+                model(**prompt)
                 return time.perf_counter() - t0
 
         return f
 
     for name, pol in policies:
         with routing(model, pol), collecting(model) as stats, torch.no_grad():
-            model(**prompt, **({"use_cache": False} if causal else {}))
-        ffn_f, model_f = _ffn_and_model_fraction(model, stats, plen, causal)
+            model(**prompt)
+        last_only = "logits_to_keep" in prompt
+        ffn_f, model_f = _ffn_and_model_fraction(model, stats, plen, causal, not last_only)
         t = interleaved({"dense": prefill(DENSE), "d2d": prefill(pol)}, cfg.reps, cfg.warmup)
         rows.append(
             {
