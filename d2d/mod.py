@@ -1,0 +1,244 @@
+"""Mixture-of-Depths (Raposo et al., 2024) retrofitted onto a dense decoder: the structure.
+
+A routed block gets a scalar router r = w . x + b per token. The tokens it processes get
+x + g(r) * (block(x) - x), with g(r) = 2 * sigmoid(r): only the block's update is scaled (the
+block's own residual is not), and a router initialised to zero gives g = 1, so that inserting
+routers changes nothing until they are trained. The other tokens pass the block unchanged.
+
+Which tokens a routed block processes:
+- "topk" (training, evaluation): per sequence, the k = ceil(capacity x real length) real tokens
+  with the largest r (non-causal: it looks at the whole sequence). Padding is never chosen.
+- "causal" (generation): a token is processed iff sigmoid(r) > 0.5, a decision that needs no
+  later token, trained to agree with top-k membership (an auxiliary BCE loss).
+
+Chosen tokens keep their original positions (their rotary embeddings are gathered, not
+recomputed) and attend causally to the chosen tokens of the same block only. With a KV cache a
+skipped token writes no entry in that block; where the rows of a batch decide differently, the
+rows that skip write a placeholder entry that no query can see (a per-block validity mask kept
+with the cache).
+
+Supported: decoders whose blocks take (hidden_states, attention_mask, position_ids, cache,
+position_embeddings) and whose attention reads `cache` by `layer_idx` (LLaMA, Mistral, Qwen2/3,
+Gemma, OLMo, Granite: d2d's "gated" family).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from d2d import arch
+from d2d.errors import D2DError
+
+MODES = ("topk", "causal")
+
+
+@dataclass
+class MoDContext:
+    """Per-forward facts shared by the routed blocks (set by a model pre-hook)."""
+
+    token_mask: torch.Tensor | None = None  # [B, T] 1 for real tokens of this forward
+
+
+class MoDBlock(nn.Module):
+    """A decoder block behind a Mixture-of-Depths router."""
+
+    def __init__(self, block: nn.Module, d_model: int, capacity: float, context: MoDContext):
+        super().__init__()
+        self.block = block
+        self.router = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.capacity = capacity
+        self.mode = "topk"
+        self.context = context
+        self.last_choice: torch.Tensor | None = None  # [B, T] bool, for statistics and losses
+        self.last_logits: torch.Tensor | None = None  # [B, T] router logits
+
+    @property
+    def layer_idx(self) -> int:
+        return self.block.self_attn.layer_idx
+
+    def choose(self, r: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, T]: the tokens this block processes."""
+        if self.mode == "causal":
+            return (r > 0) & real  # sigmoid(r) > 0.5
+        n_real = real.sum(-1)
+        k = torch.ceil(self.capacity * n_real.float()).long().clamp(max=real.shape[-1])
+        k = torch.minimum(k, n_real)
+        masked = r.masked_fill(~real, float("-inf"))
+        order = masked.argsort(dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(r.shape[-1], device=r.device).expand_as(order))
+        return (ranks < k[:, None]) & real
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        x = hidden_states
+        b, t, _ = x.shape
+        r = self.router(x).squeeze(-1)  # [B, T]
+        tm = self.context.token_mask
+        real = (
+            tm[:, -t:].bool()
+            if tm is not None and tm.shape[0] == b and tm.shape[1] >= t
+            else torch.ones(b, t, dtype=torch.bool, device=x.device)
+        )
+        choice = self.choose(r, real)
+        self.last_choice, self.last_logits = choice, r
+        per_row = choice.sum(-1)
+        k = int(per_row.max()) if b else 0
+        if k == 0:  # nothing to process: no work and no cache entry in this block
+            return x
+        # the chosen tokens in their original order; rows with fewer pad with placeholders
+        idx = torch.sort(
+            torch.where(
+                choice, torch.arange(t, device=x.device), t + torch.arange(t, device=x.device)
+            ),
+            dim=-1,
+        ).values[:, :k]
+        valid = torch.arange(k, device=x.device)[None, :] < per_row[:, None]  # [B, k]
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        gather = idx[:, :, None]
+        xs = x.gather(1, gather.expand(-1, -1, x.shape[-1]))
+        cos, sin = position_embeddings
+        cos = cos.expand(b, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
+        sin = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
+        pos = None if position_ids is None else position_ids.expand(b, -1).gather(1, idx)
+        mask = self._mask(cache, valid, x.dtype)
+        ys = self.block(
+            xs,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=(cos, sin),
+            **kwargs,
+        )
+        ys = ys[0] if isinstance(ys, tuple) else ys
+        g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None]
+        upd = (g * (ys - xs)) * valid[:, :, None].to(x.dtype)
+        return x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd)
+
+    def _mask(self, cache, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [B, 1, k, past + k] mask: causal among this block's chosen tokens, blind to
+        placeholders (and to this block's earlier placeholders in the cache)."""
+        b, k = valid.shape
+        past_valid = None
+        if cache is not None:
+            store = cache.__dict__.setdefault("_d2d_mod_valid", {})
+            past_valid = store.get(self.layer_idx)
+            store[self.layer_idx] = (
+                valid if past_valid is None else torch.cat([past_valid, valid], 1)
+            )
+        keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], 1)
+        p = keys_valid.shape[1] - k
+        causal = torch.ones(k, k, dtype=torch.bool, device=valid.device).tril()
+        allowed = (
+            torch.cat([torch.ones(k, p, dtype=torch.bool, device=valid.device), causal], dim=1)[
+                None
+            ]
+            & keys_valid[:, None, :]
+        )
+        allowed = allowed | ~valid[:, :, None]  # placeholder queries: any row, output dropped
+        neg = torch.finfo(dtype).min
+        return torch.zeros(b, 1, k, p + k, dtype=dtype, device=valid.device).masked_fill(
+            ~allowed[:, None], neg
+        )
+
+
+def _install_context(model: nn.Module) -> MoDContext:
+    ctx = getattr(model, "_d2d_mod_context", None)
+    if ctx is not None:
+        return ctx
+    ctx = MoDContext()
+
+    def pre_hook(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        am = kwargs.get("attention_mask")
+        ctx.token_mask = am if (am is not None and ids is not None and am.dim() == 2) else None
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model._d2d_mod_context = ctx
+    return ctx
+
+
+def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
+    """Default: every other block, starting with the second (the first block stays dense)."""
+    if layers:
+        from d2d.configs import parse_layers
+
+        return parse_layers(layers, n_layers)
+    if every < 1:
+        raise D2DError(f"every must be >= 1, got {every}")
+    return [i for i in range(n_layers) if i % every == every - 1]
+
+
+def insert_mod(model: nn.Module, layers: list[int], capacity: float) -> dict[int, MoDBlock]:
+    """Put a router in front of the given decoder blocks (structure only; routers start at 0)."""
+    if not 0.0 < capacity <= 1.0:
+        raise D2DError(f"capacity must be in (0, 1], got {capacity}")
+    if 0 in layers:  # the model-level causal mask follows block 0's cache: keep it dense
+        raise D2DError("block 0 cannot be routed: route later blocks (the default: every other)")
+    fam = arch.detect(model)
+    if fam.name != "gated":
+        raise D2DError(
+            f"Mixture-of-Depths supports LLaMA-like decoders (the gated family), not {fam.name}"
+        )
+    blocks = arch.blocks(model, fam)
+    parent = arch.get_path(model, next(p for p in fam.layer_lists if _has(model, p)))
+    d = model.config.hidden_size
+    ctx = _install_context(model)
+    out = {}
+    for i in layers:
+        if isinstance(blocks[i], MoDBlock):
+            raise D2DError(f"block {i} already has a Mixture-of-Depths router")
+        w = next(blocks[i].parameters())
+        parent[i] = MoDBlock(blocks[i], d, capacity, ctx).to(device=w.device, dtype=w.dtype)
+        out[i] = parent[i]
+    return out
+
+
+def _has(model, path: str) -> bool:
+    try:
+        arch.get_path(model, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def mod_blocks(model: nn.Module) -> dict[int, MoDBlock]:
+    fam = arch.detect(model)
+    parent = arch.get_path(model, next(p for p in fam.layer_lists if _has(model, p)))
+    return {i: m for i, m in enumerate(parent) if isinstance(m, MoDBlock)}
+
+
+def set_mode(model: nn.Module, mode: str, capacity: float | None = None) -> None:
+    if mode not in MODES:
+        raise D2DError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    for m in mod_blocks(model).values():
+        m.mode = mode
+        if capacity is not None:
+            m.capacity = capacity
+
+
+def block_flops_fraction(model: nn.Module) -> float:
+    """Share of routed-block work done in the last forward (processed tokens / real tokens)."""
+    done = total = 0
+    for m in mod_blocks(model).values():
+        if m.last_choice is not None:
+            done += int(m.last_choice.sum())
+            total += m.last_choice.numel()
+    return done / total if total else math.nan

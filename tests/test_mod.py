@@ -1,0 +1,127 @@
+"""Mixture-of-Depths structure: exact at capacity 1.0, top-k picks, positions, KV cache."""
+
+import math
+
+import pytest
+import torch
+from tiny import tiny
+
+from d2d.mod import insert_mod, mod_blocks, set_mode
+
+
+def llama(seed=0, layers=4):
+    m = tiny("gated", seed=seed)
+    if layers != 2:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**{**m.config.to_dict(), "num_hidden_layers": layers})
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(cfg).eval()
+    return m
+
+
+def logits(m, **kw):
+    with torch.no_grad():
+        return m(**kw).logits
+
+
+def randomise_routers(m, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    for blk in mod_blocks(m).values():
+        blk.router.weight.data = torch.randn(blk.router.weight.shape, generator=g) * scale
+        blk.router.bias.data.zero_()
+
+
+def test_capacity_one_equals_dense():
+    dense = llama()
+    m = llama()
+    insert_mod(m, [1, 3], capacity=1.0)
+    ids = torch.randint(1, 96, (2, 12))
+    torch.testing.assert_close(logits(m, input_ids=ids), logits(dense, input_ids=ids))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0  # left padding: real tokens must agree
+    got, want = (
+        logits(m, input_ids=ids, attention_mask=am),
+        logits(dense, input_ids=ids, attention_mask=am),
+    )
+    torch.testing.assert_close(got[am.bool()], want[am.bool()])
+
+
+def test_topk_picks_exactly_k_real_tokens():
+    m = llama()
+    insert_mod(m, [1, 3], capacity=0.25)
+    randomise_routers(m)
+    ids = torch.randint(1, 96, (3, 10))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    am[2, :9] = 0
+    logits(m, input_ids=ids, attention_mask=am)
+    for blk in mod_blocks(m).values():
+        c = blk.last_choice
+        assert not (c & ~am.bool()).any()  # padding never chosen
+        n_real = am.sum(-1)
+        assert c.sum(-1).tolist() == [math.ceil(0.25 * int(n)) for n in n_real]
+        # the chosen are the real tokens with the largest router logits
+        r = blk.last_logits.masked_fill(~am.bool(), float("-inf"))
+        for row in range(3):
+            k = int(c[row].sum())
+            top = set(r[row].topk(k).indices.tolist())
+            assert top == set(c[row].nonzero().squeeze(1).tolist())
+
+
+def test_chosen_tokens_keep_their_positions():
+    m = llama()
+    insert_mod(m, [1], capacity=0.5)
+    randomise_routers(m)
+    seen = {}
+    blk = mod_blocks(m)[1]
+
+    def hook(mod, args, kwargs):
+        seen["cos"] = kwargs["position_embeddings"][0].clone()
+
+    blk.block.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+    ids = torch.randint(1, 96, (1, 10))
+    logits(m, input_ids=ids)
+    cos_all, _ = m.model.rotary_emb(torch.zeros(1, 10, 32), torch.arange(10)[None])
+    chosen = blk.last_choice[0].nonzero().squeeze(1)
+    torch.testing.assert_close(seen["cos"][0], cos_all[0, chosen])
+
+
+def test_unrouted_tokens_pass_unchanged():
+    m = llama(layers=2)
+    insert_mod(m, [1], capacity=0.3)
+    randomise_routers(m)
+    blk = mod_blocks(m)[1]
+    out = {}
+    blk.register_forward_hook(lambda mod, a, y: out.update(x=a[0].clone(), y=y.clone()))
+    logits(m, input_ids=torch.randint(1, 96, (2, 10)))
+    skipped = ~blk.last_choice
+    torch.testing.assert_close(out["y"][skipped], out["x"][skipped])
+    assert not torch.allclose(out["y"][~skipped], out["x"][~skipped])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_causal_mode_prefill_equals_step_decoding_and_cache_skips(batch):
+    """Rows of a batch decide differently: the rows that skip write a placeholder entry that
+    no query sees; a block where no row processes the token writes nothing."""
+    m = llama(seed=1)
+    routed = insert_mod(m, [1, 3], capacity=0.5)
+    randomise_routers(m, seed=3)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    full = logits(m, input_ids=ids)  # no cache: every token decided causally at once
+    per_row = {i: b.last_choice.sum(-1) for i, b in routed.items()}
+    assert any(0 < int(n) < 9 for v in per_row.values() for n in v)  # some tokens skip
+    with torch.no_grad():
+        out = m(input_ids=ids[:, :4], use_cache=True)
+        steps = [out.logits]
+        cache = out["cache"]
+        for j in range(4, 9):
+            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
+            cache = out["cache"]
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    if batch == 1:
+        for i in range(4):  # routed blocks cache only what they processed
+            n = cache.get_seq_length(i)
+            assert n == (int(per_row[i][0]) if i in routed else 9), (i, n)
