@@ -25,28 +25,22 @@ Gemma, OLMo, Granite: d2d's "gated" family).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from d2d import arch
 from d2d.errors import D2DError
+from d2d.moe.convert import install_context
+from d2d.moe.layer import RoutingContext
 
 MODES = ("topk", "causal")
-
-
-@dataclass
-class MoDContext:
-    """Per-forward facts shared by the routed blocks (set by a model pre-hook)."""
-
-    token_mask: torch.Tensor | None = None  # [B, T] 1 for real tokens of this forward
 
 
 class MoDBlock(nn.Module):
     """A decoder block behind a Mixture-of-Depths router."""
 
-    def __init__(self, block: nn.Module, d_model: int, capacity: float, context: MoDContext):
+    def __init__(self, block: nn.Module, d_model: int, capacity: float, context: RoutingContext):
         super().__init__()
         self.block = block
         self.router = nn.Linear(d_model, 1)
@@ -88,10 +82,10 @@ class MoDBlock(nn.Module):
         x = hidden_states
         b, t, _ = x.shape
         r = self.router(x).squeeze(-1)  # [B, T]
-        tm = self.context.token_mask
+        tm = self.context.token_mask  # this forward's real tokens (set by a model pre-hook)
         real = (
-            tm[:, -t:].bool()
-            if tm is not None and tm.shape[0] == b and tm.shape[1] >= t
+            tm.bool()
+            if tm is not None and tm.shape == (b, t)
             else torch.ones(b, t, dtype=torch.bool, device=x.device)
         )
         choice = self.choose(r, real)
@@ -157,24 +151,6 @@ class MoDBlock(nn.Module):
         )
 
 
-def _install_context(model: nn.Module) -> MoDContext:
-    ctx = getattr(model, "_d2d_mod_context", None)
-    if ctx is not None:
-        return ctx
-    ctx = MoDContext()
-
-    def pre_hook(mod, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        am = kwargs.get("attention_mask")
-        ctx.token_mask = am if (am is not None and ids is not None and am.dim() == 2) else None
-
-    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model._d2d_mod_context = ctx
-    return ctx
-
-
 def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
     """Default: every other block, starting with the second (the first block stays dense)."""
     if layers:
@@ -200,7 +176,7 @@ def insert_mod(model: nn.Module, layers: list[int], capacity: float) -> dict[int
     blocks = arch.blocks(model, fam)
     parent = arch.get_path(model, next(p for p in fam.layer_lists if _has(model, p)))
     d = model.config.hidden_size
-    ctx = _install_context(model)
+    ctx = install_context(model)
     out = {}
     for i in layers:
         if isinstance(blocks[i], MoDBlock):

@@ -34,13 +34,19 @@ def test_kv_cache_generation_equals_uncached_at_positive_tau(family):
     assert torch.equal(cached, plain)
 
 
-def test_left_padded_batch_keeps_sink_at_first_real_token():
+def positions_seen():
+    """A routed tiny LLaMA and the list its first MoE layer appends each forward's positions to."""
     m = tiny("gated")
     convert(m, ConvertConfig(n_experts=8))
     attach_routers(moe_layers(m), 16)
     seen = []
     moe = moe_layers(m)[0]
     moe.register_forward_hook(lambda mod, a, y: seen.append(mod.context.positions.clone()))
+    return m, seen
+
+
+def test_left_padded_batch_keeps_sink_at_first_real_token():
+    m, seen = positions_seen()
     ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     with torch.no_grad():
@@ -51,12 +57,7 @@ def test_left_padded_batch_keeps_sink_at_first_real_token():
 def test_decode_steps_see_their_true_positions():
     """With the KV cache (generate passes it as `cache`), each decoded token's position
     continues the prompt's, so the dense sink covers only the first token."""
-    m = tiny("gated")
-    convert(m, ConvertConfig(n_experts=8))
-    attach_routers(moe_layers(m), 16)
-    seen = []
-    moe = moe_layers(m)[0]
-    moe.register_forward_hook(lambda mod, a, y: seen.append(mod.context.positions.clone()))
+    m, seen = positions_seen()
     prompt = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with routing(m, {"rule": "tau", "tau": 0.5, "dense_positions": 1}):

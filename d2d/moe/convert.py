@@ -24,7 +24,7 @@ def moe_layers(model: nn.Module) -> dict[int, MoEFFN]:
     return out
 
 
-def _install_context(model: nn.Module) -> RoutingContext:
+def install_context(model: nn.Module) -> RoutingContext:
     """One RoutingContext per model, filled before each forward with token positions."""
     ctx = getattr(model, "_d2d_context", None)
     if ctx is not None:
@@ -73,7 +73,7 @@ def build_structure(model: nn.Module, layers: list[int], n_experts: int) -> dict
     """
     fam = arch.detect(model)
     blist = arch.blocks(model, fam)
-    ctx = _install_context(model)
+    ctx = install_context(model)
     made = {}
     for i in layers:
         block = blist[i]
