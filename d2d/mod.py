@@ -53,6 +53,10 @@ class MoDBlock(nn.Module):
         self.last_logits: torch.Tensor | None = None  # [B, T] router logits
 
     @property
+    def wrapped_block(self) -> nn.Module:  # what d2d.arch.blocks sees
+        return self.block
+
+    @property
     def layer_idx(self) -> int:
         return self.block.self_attn.layer_idx
 
@@ -173,31 +177,21 @@ def insert_mod(model: nn.Module, layers: list[int], capacity: float) -> dict[int
         raise D2DError(
             f"Mixture-of-Depths supports LLaMA-like decoders (the gated family), not {fam.name}"
         )
-    blocks = arch.blocks(model, fam)
-    parent = arch.get_path(model, next(p for p in fam.layer_lists if _has(model, p)))
+    parent = arch.block_list(model, fam)
     d = model.config.hidden_size
     ctx = install_context(model)
     out = {}
     for i in layers:
-        if isinstance(blocks[i], MoDBlock):
+        if isinstance(parent[i], MoDBlock):
             raise D2DError(f"block {i} already has a Mixture-of-Depths router")
-        w = next(blocks[i].parameters())
-        parent[i] = MoDBlock(blocks[i], d, capacity, ctx).to(device=w.device, dtype=w.dtype)
+        w = next(parent[i].parameters())
+        parent[i] = MoDBlock(parent[i], d, capacity, ctx).to(device=w.device, dtype=w.dtype)
         out[i] = parent[i]
     return out
 
 
-def _has(model, path: str) -> bool:
-    try:
-        arch.get_path(model, path)
-        return True
-    except AttributeError:
-        return False
-
-
 def mod_blocks(model: nn.Module) -> dict[int, MoDBlock]:
-    fam = arch.detect(model)
-    parent = arch.get_path(model, next(p for p in fam.layer_lists if _has(model, p)))
+    parent = arch.block_list(model, arch.detect(model))
     return {i: m for i, m in enumerate(parent) if isinstance(m, MoDBlock)}
 
 

@@ -125,3 +125,30 @@ def test_causal_mode_prefill_equals_step_decoding_and_cache_skips(batch):
         for i in range(4):  # routed blocks cache only what they processed
             n = cache.get_seq_length(i)
             assert n == (int(per_row[i][0]) if i in routed else 9), (i, n)
+
+
+@pytest.mark.parametrize("order", ["mod-then-convert", "convert-then-mod"])
+def test_staged_mode_combines_with_moe(order):
+    """MoD on the blocks and dynamic-k MoE inside their FFNs: with every expert run, the
+    converted model computes what the MoD model does."""
+    from d2d.moe.convert import ConvertConfig, convert, moe_layers
+    from d2d.moe.routers import attach_routers
+    from d2d.moe.routing import routing
+
+    ref = llama(seed=2)
+    insert_mod(ref, [1, 3], capacity=0.5)
+    randomise_routers(ref, seed=5)
+    m = llama(seed=2)
+    steps = [
+        lambda: (insert_mod(m, [1, 3], capacity=0.5), randomise_routers(m, seed=5)),
+        lambda: convert(m, ConvertConfig(n_experts=8)),
+    ]
+    for step in steps if order == "mod-then-convert" else steps[::-1]:
+        step()
+    assert sorted(moe_layers(m)) == [0, 1, 2, 3] and sorted(mod_blocks(m)) == [1, 3]
+    attach_routers(moe_layers(m), 8)
+    ids = torch.randint(1, 96, (2, 10))
+    with routing(m, {"rule": "tau", "tau": 0.0}):
+        torch.testing.assert_close(logits(m, input_ids=ids), logits(ref, input_ids=ids))
+    with routing(m, {"rule": "tau", "tau": 0.5}):  # and it routes inside routed blocks
+        assert not torch.allclose(logits(m, input_ids=ids), logits(ref, input_ids=ids))

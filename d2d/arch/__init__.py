@@ -123,11 +123,18 @@ def detect(model: nn.Module) -> Family:
     )
 
 
-def blocks(model: nn.Module, fam: Family) -> nn.ModuleList:
+def block_list(model: nn.Module, fam: Family) -> nn.ModuleList:
+    """The model's own list of blocks (entries may be wrappers such as Mixture-of-Depths)."""
     for lp in fam.layer_lists:
         if _has(model, lp):
             return get_path(model, lp)
     raise D2DError(f"could not find the transformer blocks of this {fam.name} model")
+
+
+def blocks(model: nn.Module, fam: Family) -> list[nn.Module]:
+    """The transformer blocks, seen through wrappers (a routed Mixture-of-Depths block is its
+    inner block here), so that FFN stages find their FFNs inside routed blocks too."""
+    return [getattr(b, "wrapped_block", b) for b in block_list(model, fam)]
 
 
 @dataclass
