@@ -186,6 +186,25 @@ def print_record(stage: str, rec: dict, out) -> None:
         console.print(t)
     elif stage == "bench":
         print_bench(m)
+    elif stage == "mod":
+        t = Table(
+            title=f"held-out perplexity, capacity {m['capacity']:g} on blocks "
+            f"{','.join(str(i) for i in m['routed_layers'])}"
+        )
+        for c in ("routing", "perplexity", "block FLOPs", "routed-block FLOPs", "causal accuracy"):
+            t.add_column(c, justify="right")
+        t.add_row("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "")
+        for mode, label in (("topk", "top-k"), ("causal", "causal predictor")):
+            r = m[mode]
+            acc = r["predictor_accuracy"]
+            t.add_row(
+                label,
+                f"{r['perplexity']:.4g}",
+                _pct(r["block_fraction"]),
+                _pct(r["routed_block_fraction"]),
+                _pct(acc) if mode == "topk" and acc is not None else "",
+            )
+        console.print(t)
     where = f" -> {out}" if out and stage not in ("eval", "bench") else ""
     console.print(
         f"[dim]{stage} took {rec.get('seconds', 0):.1f}s, peak memory "

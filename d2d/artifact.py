@@ -236,6 +236,7 @@ def _json_default(o):
 
 def replay(model: nn.Module, meta: dict) -> None:
     """Rebuild the structural changes recorded in the lineage (no weights, no data)."""
+    from d2d.mod import insert_mod, set_mode
     from d2d.moe.convert import build_structure, moe_layers
     from d2d.moe.routers import attach_routers
     from d2d.sparsify import relufy
@@ -248,6 +249,12 @@ def replay(model: nn.Module, meta: dict) -> None:
             build_structure(model, st["layers"], st["n_experts"])
         elif s["stage"] == "train-routers":
             attach_routers(moe_layers(model), st["hidden"])
+        elif s["stage"] == "mod":
+            blocks = insert_mod(model, st["layers"], st["capacity"])
+            if st.get("predictor") == "mlp":
+                for b in blocks.values():
+                    b.add_predictor(st["hidden"])
+            set_mode(model, "causal")  # generation needs the causal decision
 
 
 def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact:

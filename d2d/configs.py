@@ -60,29 +60,9 @@ class LoopConfig:
 
 
 @dataclass
-class SparsifyConfig:
-    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
-    task: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (from model and data), causal-lm, or classification "
-            "(adds a head to a bare encoder; labels from the data)."
-        },
-    )
-    penalty: str = field(
-        default="hoyer", metadata={"help": "Sparsity penalty: hoyer (square Hoyer) or l1."}
-    )
-    weight: float = field(default=0.01, metadata={"help": "Penalty weight (0: plain fine-tune)."})
-    schedule: str = field(
-        default="linear", metadata={"help": "Penalty weight schedule: linear warm-up or constant."}
-    )
-    weight_warmup: float = field(
-        default=0.2, metadata={"help": "Fraction of steps to reach the full penalty weight."}
-    )
-    relu: bool = field(
-        default=False,
-        metadata={"help": "Swap the FFN activation for ReLU first (exact zeros)."},
-    )
+class TrainFields:
+    """The fine-tuning options every training stage shares (sparsify, mod)."""
+
     steps: int = field(default=200, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per optimizer step."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -107,19 +87,6 @@ class SparsifyConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data split, order and init."})
 
     def __post_init__(self):
-        for name, allowed in (
-            ("task", TASKS),
-            ("penalty", PENALTIES),
-            ("schedule", WEIGHT_SCHEDULES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise D2DError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-        if self.weight < 0:
-            raise D2DError(f"weight must be >= 0, got {self.weight}")
-        if not 0 <= self.weight_warmup <= 1:
-            raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
         if self.eval_tokens < 1:
             raise D2DError(f"eval-tokens must be >= 1, got {self.eval_tokens}")
         if self.seq_len < 2:
@@ -142,6 +109,102 @@ class SparsifyConfig:
             return None
         out = Path(out)
         return str(out.parent / f"{out.name}.checkpoints")
+
+
+@dataclass
+class SparsifyConfig(TrainFields):
+    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
+    task: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (from model and data), causal-lm, or classification "
+            "(adds a head to a bare encoder; labels from the data)."
+        },
+    )
+    penalty: str = field(
+        default="hoyer", metadata={"help": "Sparsity penalty: hoyer (square Hoyer) or l1."}
+    )
+    weight: float = field(default=0.01, metadata={"help": "Penalty weight (0: plain fine-tune)."})
+    schedule: str = field(
+        default="linear", metadata={"help": "Penalty weight schedule: linear warm-up or constant."}
+    )
+    weight_warmup: float = field(
+        default=0.2, metadata={"help": "Fraction of steps to reach the full penalty weight."}
+    )
+    relu: bool = field(
+        default=False,
+        metadata={"help": "Swap the FFN activation for ReLU first (exact zeros)."},
+    )
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("task", TASKS),
+            ("penalty", PENALTIES),
+            ("schedule", WEIGHT_SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise D2DError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.weight < 0:
+            raise D2DError(f"weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight_warmup <= 1:
+            raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
+        super().__post_init__()
+
+
+PREDICTORS = ("aux-loss", "mlp")
+
+
+@dataclass
+class ModConfig(TrainFields):
+    data: str = field(default="bbc-news", metadata={"help": "Training text (files or alias)."})
+    capacity: float = field(
+        default=0.125, metadata={"help": "Fraction of a sequence's tokens a routed block takes."}
+    )
+    every: int = field(
+        default=2, metadata={"help": "Route every N-th block (the 2nd, 4th, ... for 2)."}
+    )
+    layers: str = field(
+        default="", metadata={"help": "Blocks to route instead, e.g. '1,3,5' (not block 0)."}
+    )
+    anneal: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of the steps over which capacity falls from 1.0 to its value."},
+    )
+    predictor: str = field(
+        default="aux-loss",
+        metadata={
+            "help": "Causal decision for generation: aux-loss (BCE on the router) or mlp (a "
+            "small predictor on stop-gradient inputs)."
+        },
+    )
+    aux_weight: float = field(
+        default=0.01, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.capacity <= 1.0:
+            raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
+        if self.every < 1:
+            raise D2DError(f"every must be >= 1, got {self.every}")
+        if not 0.0 <= self.anneal <= 1.0:
+            raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
+        if self.predictor not in PREDICTORS:
+            raise D2DError(
+                f"predictor must be one of {', '.join(PREDICTORS)}, got {self.predictor!r}"
+            )
+        if self.aux_weight < 0:
+            raise D2DError(f"aux-weight must be >= 0, got {self.aux_weight}")
+        super().__post_init__()
+
+    def capacity_at(self, step: int) -> float:
+        """Capacity for optimizer step `step`: linear from 1.0 to `capacity` over the first
+        `anneal` of the steps, so that the dense model is not shocked."""
+        span = self.anneal * self.steps
+        if span <= 0 or step >= span:
+            return self.capacity
+        return 1.0 - (1.0 - self.capacity) * step / span
 
 
 @dataclass

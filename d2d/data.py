@@ -164,6 +164,7 @@ def _checked(c: Corpus) -> Corpus:
 
 def lm_windows(tokenizer, corpus: Corpus, seq_len: int, max_windows: int | None) -> torch.Tensor:
     """Documents joined by EOS, cut into [n, seq_len] windows of token ids."""
+    _need_tokenizer(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     need = None if max_windows is None else max_windows * seq_len
     ids: list[int] = []
@@ -186,9 +187,18 @@ def lm_windows(tokenizer, corpus: Corpus, seq_len: int, max_windows: int | None)
 
 def encode_docs(tokenizer, corpus: Corpus, seq_len: int, max_docs: int | None):
     """Each document truncated to seq_len (classification / encoders): ids, mask, labels."""
+    _need_tokenizer(tokenizer)
     texts = corpus.texts[:max_docs] if max_docs else corpus.texts
     enc = tokenizer(
         texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt"
     )
     labels = torch.tensor(corpus.labels[: len(texts)]) if corpus.labels is not None else None
     return enc["input_ids"], enc["attention_mask"], labels
+
+
+def _need_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise D2DError(
+            "the model has no tokenizer files: save its tokenizer into the model folder "
+            "(tokenizer.save_pretrained) and retry"
+        )

@@ -49,8 +49,12 @@ class MoDBlock(nn.Module):
         self.capacity = capacity
         self.mode = "topk"
         self.context = context
+        # the causal decision's own model ("mlp" predictor), else the router's sign decides
+        self.predictor: nn.Module | None = None
         self.last_choice: torch.Tensor | None = None  # [B, T] bool, for statistics and losses
         self.last_logits: torch.Tensor | None = None  # [B, T] router logits
+        self.last_causal: torch.Tensor | None = None  # [B, T] logits of the causal decision
+        self.last_real: torch.Tensor | None = None  # [B, T] real (non-padding) tokens
 
     @property
     def wrapped_block(self) -> nn.Module:  # what d2d.arch.blocks sees
@@ -60,10 +64,19 @@ class MoDBlock(nn.Module):
     def layer_idx(self) -> int:
         return self.block.self_attn.layer_idx
 
-    def choose(self, r: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def add_predictor(self, hidden: int) -> None:
+        """A small MLP that predicts top-k membership from the block's input (trained on
+        stop-gradient inputs, so it does not change the model)."""
+        d = self.router.in_features
+        w = self.router.weight
+        self.predictor = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1)).to(
+            device=w.device, dtype=w.dtype
+        )
+
+    def choose(self, r: torch.Tensor, causal: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Boolean [B, T]: the tokens this block processes."""
         if self.mode == "causal":
-            return (r > 0) & real  # sigmoid(r) > 0.5
+            return (causal > 0) & real  # sigmoid(logit) > 0.5
         n_real = real.sum(-1)
         k = torch.ceil(self.capacity * n_real.float()).long().clamp(max=real.shape[-1])
         k = torch.minimum(k, n_real)
@@ -92,8 +105,14 @@ class MoDBlock(nn.Module):
             if tm is not None and tm.shape == (b, t)
             else torch.ones(b, t, dtype=torch.bool, device=x.device)
         )
-        choice = self.choose(r, real)
-        self.last_choice, self.last_logits = choice, r
+        causal = r if self.predictor is None else self.predictor(x.detach()).squeeze(-1)
+        choice = self.choose(r, causal, real)
+        self.last_choice, self.last_logits, self.last_causal, self.last_real = (
+            choice,
+            r,
+            causal,
+            real,
+        )
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
         if k == 0:  # nothing to process: no work and no cache entry in this block

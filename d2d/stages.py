@@ -23,6 +23,7 @@ from d2d.configs import (
     CalibrateConfig,
     ConvertConfig,
     EvalConfig,
+    ModConfig,
     SparsifyConfig,
     TrainRoutersConfig,
 )
@@ -117,6 +118,12 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     return {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}, {}
 
 
+def _mod(art: Artifact, cfg: ModConfig, progress: Progress, out=None):
+    from d2d.mod_train import mod
+
+    return mod(art, cfg, progress, out)
+
+
 def _bench(art: Artifact, cfg: BenchConfig, progress: Progress):
     from d2d.bench import bench
 
@@ -175,6 +182,14 @@ STAGES: dict[str, Stage] = {
             (),
             writes_artifact=False,
             help="Quality and FLOPs on held-out data, beside the dense model.",
+        ),
+        Stage(
+            "mod",
+            ModConfig,
+            _mod,
+            (),
+            help="Mixture-of-Depths: insert block routers into a decoder and fine-tune them in.",
+            takes_out=True,
         ),
         Stage(
             "bench",

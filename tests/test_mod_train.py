@@ -1,0 +1,68 @@
+"""d2d mod: routers trained in with the shared loop; the artifact replays them."""
+
+import json
+
+import pytest
+import torch
+from d2d_cli.main import app
+from typer.testing import CliRunner
+
+import d2d
+from d2d.configs import ModConfig
+from d2d.errors import D2DError
+from d2d.mod import mod_blocks
+
+runner = CliRunner()
+FAST = ["--steps", "150", "--batch-size", "8", "--seq-len", "32", "--eval-tokens", "512"]
+FAST += ["--lr", "5e-3", "--no-bf16", "--capacity", "0.25", "--anneal", "0.25"]
+FAST += ["--aux-weight", "5"]
+
+
+def test_capacity_anneals_from_one():
+    cfg = ModConfig(capacity=0.25, anneal=0.5, steps=100)
+    assert cfg.capacity_at(0) == 1.0
+    assert cfg.capacity_at(25) == pytest.approx(0.625)
+    assert cfg.capacity_at(50) == cfg.capacity_at(99) == 0.25
+    assert ModConfig(capacity=0.5, anneal=0.0, steps=10).capacity_at(0) == 0.5
+
+
+@pytest.mark.parametrize("bad", [{"capacity": 0}, {"capacity": 1.5}, {"predictor": "x"}])
+def test_bad_options(bad):
+    with pytest.raises(D2DError):
+        ModConfig(**bad)
+
+
+@pytest.mark.parametrize("predictor", ["aux-loss", "mlp"])
+def test_mod_trains_routers_and_round_trips(predictor, model_dirs, tmp_path):
+    out = tmp_path / "m"
+    res = runner.invoke(
+        app,
+        ["mod", model_dirs["gated"], "-o", str(out), "--predictor", predictor, "--layers", "1"]
+        + FAST,
+        env={"COLUMNS": "200"},
+    )
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "d2d.json").read_text())
+    m = meta["stages"][-1]["metrics"]
+    assert m["routed_layers"] == [1] and "causal predictor" in res.output
+    # top-k processes the capacity's share of the routed block; the predictor was trained
+    assert m["topk"]["routed_block_fraction"] == pytest.approx(0.25, abs=0.02)
+    # better than the constant guess (always skip: 75% right at capacity 0.25)
+    assert m["topk"]["predictor_accuracy"] > 0.8
+    first, last = m["history"][0], m["history"][-1]
+    assert last["capacity"] == 0.25 and first["capacity"] == 1.0
+    model = d2d.load(out)
+    blocks = mod_blocks(model)
+    assert list(blocks) == [1] and blocks[1].mode == "causal"
+    assert (blocks[1].predictor is not None) == (predictor == "mlp")
+    # the loaded model computes what the trained one did: generation is deterministic
+    ids = torch.randint(1, 96, (1, 6))
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        b = d2d.load(out).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_mod_refuses_encoders(model_dirs, tmp_path):
+    res = runner.invoke(app, ["mod", model_dirs["bert"], "-o", str(tmp_path / "m"), *FAST])
+    assert res.exit_code == 2 and "decoder" in res.stderr
