@@ -78,6 +78,13 @@ def _stage_summary(s: dict) -> str:
             )
         if s["stage"] == "train-routers":
             return f"mean held-out R^2 {m['mean_r2']:.3f} (hidden {st.get('hidden')})"
+        if s["stage"] == "mod":
+            tk, ca = m["topk"], m["causal"]
+            return (
+                f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}); "
+                f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
+                f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
+            )
         if s["stage"] == "calibrate":
             return (
                 f"{m['rule']}: {m['ffn_fraction']:.1%} FFN / {m['model_fraction']:.1%} model "
