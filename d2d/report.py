@@ -135,6 +135,14 @@ def curve_figure(cal: dict) -> bytes:
     qs = [r["quality"] for r in rows]
     if metric == "perplexity" and min(qs) > 0 and max(qs) / min(qs) > 3:
         axes[0].set_yscale("log")
+        top = 30 * cal["dense_quality"]  # the region a user would choose from
+        off = sum(q > top for q in qs)
+        if off:
+            axes[0].set_ylim(0.9 * min(qs), top)
+            axes[0].text(
+                0.02, 0.97, f"{off} point(s) above 30x dense perplexity not shown",
+                transform=axes[0].transAxes, va="top", fontsize=8, color="0.3",
+            )  # fmt: skip
     axes[0].set_ylabel(f"{metric} ({'lower' if metric == 'perplexity' else 'higher'} is better)")
     axes[1].legend(loc="best", fontsize=8)
     fig.suptitle(f"Calibration split, {cal['tokens']} tokens")
