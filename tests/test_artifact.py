@@ -142,3 +142,17 @@ def test_new_meta_has_versions(model_dirs):
     assert set(meta["versions"]) == {"torch", "transformers"}
     assert meta["base"]["task"] == "encoder"
     assert isinstance(Artifact(art.model, None, meta).stages, list)
+
+
+@pytest.mark.parametrize("n_experts", [0, False, 2.5, "8"])
+def test_a_bad_expert_count_in_the_lineage_is_refused(routed, tmp_path, n_experts):
+    """Found by the property test: n_experts false/0 reached a modulo by zero."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(routed / "c", bad)
+    meta = json.loads((bad / "d2d.json").read_text())
+    meta["stages"][0]["structure"]["n_experts"] = n_experts
+    (bad / "d2d.json").write_text(json.dumps(meta))
+    with pytest.raises(D2DError):
+        load_artifact(bad)

@@ -71,6 +71,8 @@ def build_structure(model: nn.Module, layers: list[int], n_experts: int) -> dict
 
     Used both by `convert` (which then fills the weights) and by `d2d.load` (which loads them).
     """
+    if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+        raise D2DError(f"the number of experts must be an integer >= 1, got {n_experts!r}")
     fam = arch.detect(model)
     blist = arch.blocks(model, fam)
     ctx = install_context(model)
