@@ -77,11 +77,9 @@ def _policy(p: dict) -> str:
 
 
 def _row_label(r: dict) -> str:
-    if r["rule"] == "dense":
-        return "dense (all experts)"
-    if "budget" in r:
-        return f"{_policy(r['policy'])} @{100 * r['budget']:.0f}%"
-    return ("global " if r["rule"] == "global-tau" else "") + _policy(r["policy"])
+    from d2d.moe.routing import describe_row
+
+    return describe_row(r)
 
 
 def _change(drop: float) -> str:

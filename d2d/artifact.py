@@ -55,10 +55,13 @@ class Artifact:
                 )
 
     def structure(self, stage: str) -> dict:
-        for s in reversed(self.stages):
-            if s["stage"] == stage:
-                return s.get("structure", {})
-        return {}
+        s = last_stage(self.meta, stage)
+        return s.get("structure", {}) if s else {}
+
+
+def last_stage(meta: dict, name: str) -> dict | None:
+    """The latest record of stage `name` in a lineage, or None."""
+    return next((s for s in reversed(meta.get("stages", [])) if s["stage"] == name), None)
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -14,6 +14,7 @@ FLOPs fraction of the same run.
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import statistics
@@ -24,11 +25,12 @@ import torch
 
 from d2d import __version__
 from d2d.configs import BenchConfig, parse_int_list, parse_taus
+from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
 from d2d.flops import converted_ffn_flops, dense_ffn_macs, dense_flops
 from d2d.models import task_of
 from d2d.moe.convert import moe_layers
-from d2d.moe.routing import collecting, describe, routing
+from d2d.moe.routing import collecting, describe, global_tau, routing
 from d2d.progress import Progress, null_progress
 
 DENSE = {"rule": "all"}
@@ -58,14 +60,12 @@ def machine() -> dict:
 
 
 def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each callable(rep), run in turn rep after rep after `warmup` rounds.
-    A callable that returns a number has timed itself (the part that counts)."""
+    """Median of the seconds each callable(rep) reports for itself (it times only the part
+    that counts), the callables run in turn, rep after rep, after `warmup` rounds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            own = fn(r)
-            dt = own if own is not None else time.perf_counter() - t0
+            dt = fn(r)
             if r >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -75,9 +75,8 @@ def _policies(art, cfg: BenchConfig) -> list[tuple[str, dict]]:
     out = []
     if art.meta.get("routing") and not cfg.taus:
         out.append((f"chosen ({describe(art.meta['routing'])})", art.meta["routing"]))
-    sink = (art.meta.get("routing") or {}).get("dense_positions", 0)
     for t in parse_taus(cfg.taus) if cfg.taus else []:
-        out.append((f"tau {t:g}", {"rule": "tau", "tau": t, "dense_positions": sink}))
+        out.append((f"tau {t:g}", global_tau(t, art.meta.get("routing"))))
     if not out:
         raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --taus")
     return out
@@ -141,8 +140,7 @@ def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
             with routing(art.model, pol), collecting(art.model) as stats, torch.no_grad():
                 for i in range(cfg.reps):
                     moe(slab(i))
-                runs = moe.router is not None and moe.scores == "router" and moe.routes()
-                router = moe.router.macs() if runs else 0
+                router = moe.router_macs()
             flops = (stats[layer].fraction(moe.n_experts) * dense_macs + router) / dense_macs
 
             def run(pol_):
@@ -175,13 +173,6 @@ def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
     }
 
 
-def _prompt(art, cfg: BenchConfig, batch: int, length: int) -> torch.Tensor:
-    from d2d.data import lm_windows, load_corpus
-
-    corpus = load_corpus(cfg.data).split("calib", cfg.seed)
-    return lm_windows(art.tokenizer, corpus, length, batch)
-
-
 def _ffn_and_model_fraction(
     model, stats, seq_len: int, causal: bool, head: bool = True
 ) -> tuple[float, float]:
@@ -198,18 +189,16 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
     causal = task_of(model) == "causal-lm"
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.prompt_len
     plen = min(cfg.prompt_len, limit)
+    corpus = load_corpus(cfg.data).split("calib", cfg.seed)
     if causal:
-        prompt = {"input_ids": _prompt(art, cfg, 1, plen), "use_cache": False}
-        import inspect
-
+        prompt = {"input_ids": lm_windows(art.tokenizer, corpus, plen, 1), "use_cache": False}
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             prompt["logits_to_keep"] = 1  # as generate() prefills: the next token's logits only
     else:
-        from d2d.data import encode_docs, load_corpus
-
-        corpus = load_corpus(cfg.data).split("calib", cfg.seed)
         ids, mask, _ = encode_docs(art.tokenizer, corpus, plen, 1)
         prompt = {"input_ids": ids, "attention_mask": torch.ones_like(mask)}
+    batches = parse_int_list(cfg.decode_batch, "decode-batch") if causal else []
+    total = len(policies) * (1 + len(batches))
     rows = []
 
     def prefill(pol):
@@ -239,11 +228,9 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
                 "speedup": t["dense"] / t["d2d"],
             }
         )
-        progress("model benchmark", len(rows), len(policies) * 4)
-        if not causal:
-            continue
-        for b in parse_int_list(cfg.decode_batch, "decode-batch"):
-            start = _prompt(art, cfg, b, cfg.decode_prompt)
+        progress("model benchmark", len(rows), total)
+        for b in batches:
+            start = lm_windows(art.tokenizer, corpus, cfg.decode_prompt, b)
 
             def decode(pol_, start=start):
                 def f(r):
@@ -270,15 +257,13 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
                     "speedup": t["dense"] / t["d2d"],
                 }
             )
-            progress("model benchmark", len(rows), len(policies) * 4)
+            progress("model benchmark", len(rows), total)
     return rows
 
 
 def _decode_loop(model, prompt: torch.Tensor, n: int) -> float:
     """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
     of the n decode steps only."""
-    import inspect
-
     # the KV cache is `cache` in newer transformers, `past_key_values` before
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=prompt, use_cache=True)

@@ -72,8 +72,5 @@ def converted_ffn_flops(model: nn.Module, stats: dict[int, LayerStats]) -> float
             total += macs
             continue
         frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
-        # the router's cost counts only where it runs: router scores, on a policy that can skip
-        runs = m.router is not None and m.scores == "router" and m.routes()
-        router = m.router.macs() if runs else 0
-        total += frac * macs + router
+        total += frac * macs + m.router_macs()
     return 2.0 * total

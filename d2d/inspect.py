@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from d2d.artifact import WEIGHTS, is_artifact, read_meta
+from d2d.artifact import WEIGHTS, is_artifact, last_stage, read_meta
 from d2d.errors import D2DError
 
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -139,10 +139,10 @@ def describe(path: str | Path) -> dict:
         }
         for s in meta["stages"]
     ]
-    convert = next((s for s in reversed(meta["stages"]) if s["stage"] == "convert"), None)
+    convert = last_stage(meta, "convert")
     if convert is not None:
         st = convert.get("structure") or {}
-        routers = next((s for s in reversed(meta["stages"]) if s["stage"] == "train-routers"), None)
+        routers = last_stage(meta, "train-routers")
         out["moe"] = {
             "layers": st.get("layers"),
             "n_experts": st.get("n_experts"),

@@ -24,8 +24,6 @@ Gemma, OLMo, Granite: d2d's "gated" family).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -78,8 +76,7 @@ class MoDBlock(nn.Module):
         if self.mode == "causal":
             return (causal > 0) & real  # sigmoid(logit) > 0.5
         n_real = real.sum(-1)
-        k = torch.ceil(self.capacity * n_real.float()).long().clamp(max=real.shape[-1])
-        k = torch.minimum(k, n_real)
+        k = torch.minimum(torch.ceil(self.capacity * n_real.float()).long(), n_real)
         masked = r.masked_fill(~real, float("-inf"))
         order = masked.argsort(dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order)
@@ -107,12 +104,8 @@ class MoDBlock(nn.Module):
         )
         causal = r if self.predictor is None else self.predictor(x.detach()).squeeze(-1)
         choice = self.choose(r, causal, real)
-        self.last_choice, self.last_logits, self.last_causal, self.last_real = (
-            choice,
-            r,
-            causal,
-            real,
-        )
+        self.last_choice, self.last_logits = choice, r
+        self.last_causal, self.last_real = causal, real
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
         if k == 0:  # nothing to process: no work and no cache entry in this block
@@ -221,13 +214,3 @@ def set_mode(model: nn.Module, mode: str, capacity: float | None = None) -> None
         m.mode = mode
         if capacity is not None:
             m.capacity = capacity
-
-
-def block_flops_fraction(model: nn.Module) -> float:
-    """Share of routed-block work done in the last forward (processed tokens / real tokens)."""
-    done = total = 0
-    for m in mod_blocks(model).values():
-        if m.last_choice is not None:
-            done += int(m.last_choice.sum())
-            total += m.last_choice.numel()
-    return done / total if total else math.nan

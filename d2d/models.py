@@ -112,27 +112,24 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
 
     path, gguf = resolve_path(spec)
     kw = {"trust_remote_code": trust_remote_code}
+    safe = {}  # weights only: the config and tokenizer loaders take no use_safetensors
     if gguf:
         kw["gguf_file"] = gguf
     if isinstance(path, str):
         kw["local_files_only"] = True
-    elif not gguf:
+    elif not gguf:  # a local folder: safetensors only (never unpickled)
         check_folder(path, spec, trust_remote_code)
-        kw["use_safetensors"] = True
+        safe["use_safetensors"] = True
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # d2d draws its own progress
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = AutoConfig.from_pretrained(
-            path, **{k: v for k, v in kw.items() if k != "use_safetensors"}
-        )
+        config = AutoConfig.from_pretrained(path, **kw)
         archs = getattr(config, "architectures", None)
         # GGUF files hold LLMs; their config names no head class
         cls = transformers.AutoModelForCausalLM if gguf and not archs else auto_class(archs)
-        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-        tok = AutoTokenizer.from_pretrained(
-            path, **{k: v for k, v in kw.items() if k != "use_safetensors"}
-        )
+        model = cls.from_pretrained(path, dtype=torch.float32, **kw, **safe)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
     except D2DError:
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as e:

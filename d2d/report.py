@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from d2d import __version__
-from d2d.artifact import atomic_dir, read_meta
+from d2d.artifact import atomic_dir, last_stage, read_meta
 from d2d.errors import D2DError
-from d2d.inspect import describe
+from d2d.inspect import describe as describe_folder
 from d2d.progress import Progress, null_progress
 
 FIGURES = {
@@ -30,10 +30,6 @@ FIGURES = {
     "k_hist": "Experts executed per token",
     "sparsity": "FFN activation sparsity",
 }
-
-
-def _stage(meta: dict, name: str) -> dict | None:
-    return next((s for s in reversed(meta["stages"]) if s["stage"] == name), None)
 
 
 def measure_usage(
@@ -47,8 +43,9 @@ def measure_usage(
     """Run the artifact on the calibration split and count which experts each token runs."""
     from d2d.artifact import load_artifact
     from d2d.evaluate import Evaluator
+    from d2d.moe.routing import global_tau
 
-    cal, routers = _stage(meta, "calibrate"), _stage(meta, "train-routers")
+    cal, routers = last_stage(meta, "calibrate"), last_stage(meta, "train-routers")
     if routers is None:
         raise D2DError("expert usage needs routers: run d2d train-routers (and calibrate) first")
     src = (cal or routers)["config"]
@@ -56,8 +53,7 @@ def measure_usage(
     if not data:
         raise D2DError("no data recorded in the lineage to measure expert usage: pass --data")
     if tau is not None:
-        sink = (meta.get("routing") or {}).get("dense_positions", 0)
-        policy = {"rule": "tau", "tau": tau, "dense_positions": sink}
+        policy = global_tau(tau, meta.get("routing"))
     elif meta.get("routing"):
         policy = meta["routing"]
     else:
@@ -252,11 +248,11 @@ def _policy_text(p: dict | None) -> str:
 
 
 def _cal_table(cal: dict) -> str:
+    from d2d.moe.routing import describe_row
+
     rows = []
     for j, r in enumerate(cal["rows"]):
-        label = "dense (all experts)" if r["rule"] == "dense" else _policy_text(r["policy"])
-        if "budget" in r:
-            label += f" @{100 * r['budget']:.0f}%"
+        label = describe_row(r)
         cls = ' class="chosen"' if j == cal.get("choice") else ""
         rows.append(
             f"<tr{cls}><td class=l>{_e(label)}</td><td>{_pct(r['ffn_fraction'])}</td>"
@@ -343,7 +339,7 @@ def build_report(
         raise D2DError(f"tau must be in [0, 1], got {tau}")
     if tokens < 1:
         raise D2DError(f"tokens must be >= 1, got {tokens}")
-    summary = describe(path)
+    summary = describe_folder(path)
     if not summary["artifact"]:
         raise D2DError(f"{path} is not a d2d artifact (no d2d.json): run a d2d stage on it first")
     out = Path(out)
@@ -371,9 +367,9 @@ def build_report(
             "policy": meta.get("routing"),
             "data": cal["config"].get("data"),
         }
-    elif tau is not None or (cal and _stage(meta, "train-routers")):
+    elif tau is not None or (cal and last_stage(meta, "train-routers")):
         usage = measure_usage(path, meta, tau, data, tokens, progress)
-    elif _stage(meta, "convert"):
+    elif last_stage(meta, "convert"):
         notes.append("No routing chosen yet: run d2d train-routers and calibrate for expert usage.")
     if usage:
         where = f"{usage['tokens']} tokens of the calibration split of {usage['data']}"
@@ -385,7 +381,7 @@ def build_report(
             f"Per layer, the distribution of the number of experts a token ran (dynamic-k), "
             f"at {pol}, on {where}; dots mark the mean."
         )
-    sp = _stage(meta, "sparsify")
+    sp = last_stage(meta, "sparsify")
     if sp and (sp.get("metrics") or {}).get("sparsity_after"):
         figs["sparsity"] = sparsity_figure(sp["metrics"])
         captions["sparsity"] = (

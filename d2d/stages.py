@@ -80,12 +80,12 @@ def _calibrate(art: Artifact, cfg: CalibrateConfig, progress: Progress):
 def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     from d2d.evaluate import Evaluator, quality_drop
     from d2d.moe.convert import moe_layers
+    from d2d.moe.routing import global_tau
 
     if cfg.tau is not None:
         if not moe_layers(art.model):
             raise D2DError("--tau needs a converted model: run d2d convert first")
-        sink = (art.meta.get("routing") or {}).get("dense_positions", 0)
-        policy = {"rule": "tau", "tau": cfg.tau, "dense_positions": sink}
+        policy = global_tau(cfg.tau, art.meta.get("routing"))
     elif art.meta.get("routing"):
         policy = art.meta["routing"]
     elif moe_layers(art.model):

@@ -1,14 +1,13 @@
 """d2d inspect and d2d report: what they read, what they write, and that the page renders."""
 
-import hashlib
 import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from d2d_cli.main import app
+from tiny import tree_bytes
 from typer.testing import CliRunner
 
 from d2d.errors import D2DError
@@ -16,14 +15,6 @@ from d2d.inspect import describe
 from d2d.report import build_report
 
 runner = CliRunner()
-
-
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_describe_reads_lineage_structure_and_weights(calibrated):
@@ -80,7 +71,7 @@ def test_calibrate_records_usage_at_the_choice(calibrated):
 
 
 def test_report_is_one_self_contained_page(calibrated, tmp_path):
-    before = tree_hash(calibrated["calibrate"])
+    before = tree_bytes(calibrated["calibrate"])
     rec = build_report(calibrated["calibrate"], tmp_path / "rep")
     assert rec["figures"] == ["curve", "usage", "k_hist", "sparsity"]
     page = (tmp_path / "rep" / "index.html").read_text()
@@ -94,7 +85,7 @@ def test_report_is_one_self_contained_page(calibrated, tmp_path):
         usage["tokens"]
         == json.loads((calibrated["calibrate"] / "d2d.json").read_text())["calibration"]["tokens"]
     )  # taken from the calibration record: no data needed
-    assert tree_hash(calibrated["calibrate"]) == before
+    assert tree_bytes(calibrated["calibrate"]) == before
 
 
 def test_report_at_another_tau_measures_usage(calibrated, tmp_path):
@@ -121,11 +112,11 @@ def test_report_bad_input(case, calibrated, model_dirs, tmp_path):
         "inside": [str(art), "--out", str(art / "rep")],
         "tau": [str(art), "--out", str(tmp_path / "r"), "--tau", "2"],
     }[case]
-    before = tree_hash(art)
+    before = tree_bytes(art)
     res = runner.invoke(app, ["report", *args])
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "r").exists() and not (art / "rep").exists()
-    assert tree_hash(art) == before
+    assert tree_bytes(art) == before
     with pytest.raises(D2DError):
         build_report(args[0], args[2], tau=2.0 if case == "tau" else None)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from d2d_cli.main import app
+from tiny import tree_bytes
 from typer.testing import CliRunner
 
 from d2d.configs import ConvertConfig
@@ -24,14 +25,6 @@ from d2d.stages import run_stage
 
 runner = CliRunner()
 TINY_ROUTERS = ["--tokens", "256", "--seq-len", "32", "--steps", "2", "--heldout-tokens", "64"]
-
-
-def tree_hash(path: Path) -> dict:
-    if path.is_file():
-        return {"": path.read_bytes()}
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +271,8 @@ def test_bad_input_contract(case, model_dirs, converted, tmp_path):
     work.mkdir()
     args, inp = build(work, model_dirs, converted)
     args = [a.replace("OUT", str(work / "out")) if a.endswith("OUT") else a for a in args]
-    before = tree_hash(inp) if inp is not None else None
-    conv_before = tree_hash(converted)
+    before = tree_bytes(inp) if inp is not None else None
+    conv_before = tree_bytes(converted)
     res = runner.invoke(app, args, env={"COLUMNS": "80"})
     assert res.exit_code == 2, (res.exit_code, res.output)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
@@ -289,8 +282,8 @@ def test_bad_input_contract(case, model_dirs, converted, tmp_path):
     assert not (work / "out").exists()
     assert _leftovers(work) == [] and _leftovers(converted.parent) == []
     if inp is not None:
-        assert tree_hash(inp) == before, "the input was modified"
-    assert tree_hash(converted) == conv_before
+        assert tree_bytes(inp) == before, "the input was modified"
+    assert tree_bytes(converted) == conv_before
 
 
 def test_trust_remote_code_is_opt_in(model_dirs, tmp_path):
@@ -321,12 +314,12 @@ def test_full_disk_while_saving(model_dirs, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(d2d.artifact, "save_model", full_disk)
-    before = tree_hash(Path(model_dirs["gated"]))
+    before = tree_bytes(Path(model_dirs["gated"]))
     res = runner.invoke(app, ["convert", model_dirs["gated"], "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "No space left on device" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
-    assert tree_hash(Path(model_dirs["gated"])) == before
+    assert tree_bytes(Path(model_dirs["gated"])) == before
 
 
 def test_permission_denied_on_output(model_dirs, tmp_path, monkeypatch):
@@ -405,7 +398,7 @@ def test_signal_while_saving_leaves_nothing(sig, model_dirs, tmp_path):
         )
     )
     out = tmp_path / "out" / "o"
-    before = tree_hash(Path(model_dirs["gated"]))
+    before = tree_bytes(Path(model_dirs["gated"]))
     p = _spawn([str(script), "convert", model_dirs["gated"], "-o", str(out)], tmp_path)
     _wait_for(marker.exists, p)
     partial = Path(marker.read_text())
@@ -415,7 +408,7 @@ def test_signal_while_saving_leaves_nothing(sig, model_dirs, tmp_path):
     assert p.returncode == 130, err
     assert err.strip().startswith("interrupted:") and "Traceback" not in err
     assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its temporary
-    assert tree_hash(Path(model_dirs["gated"])) == before
+    assert tree_bytes(Path(model_dirs["gated"])) == before
 
 
 def test_sigint_during_training_keeps_only_checkpoints(model_dirs, tmp_path):

@@ -67,3 +67,16 @@ def outputs(model, ids, **kw):
     with torch.no_grad():
         out = model(input_ids=ids, **kw)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tree_bytes(path) -> dict:
+    """Every file below `path` (or the file itself) by relative name: equal before and after
+    means nothing was touched."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }

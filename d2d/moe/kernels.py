@@ -8,8 +8,9 @@ C++ kernel (compiled on first use with torch's JIT extension builder, cached aft
    `pairs_in` computes each pair's pre-activations (gate and up projections together):
    experts in parallel, each reading its own weight rows once per block of 4 of its tokens.
    Unselected experts' weights are never read.
-2. the activation, the gate product and biases, in PyTorch on the [pairs, expert_size] values
-   (so every activation function behaves exactly as in the model);
+2. the activation, the gate product and biases: in the kernel for SiLU, GELU (erf and tanh)
+   and ReLU (`ffn`, everything in one call), in PyTorch on the [pairs, expert_size] values for
+   any other activation (`sparse_ffn`);
 3. `pairs_out`: each expert adds its down-projection rows (w_out is stored [f, d], so an
    expert's block is contiguous and stays in cache) into its tokens' outputs: experts in
    parallel, each thread into its own copy of the output, summed at the end.
@@ -38,28 +39,19 @@ _SOURCE = r"""
 
 using torch::Tensor;
 
-// From the [N, E] boolean mask: the (token, expert) pairs in token order (their expert `ex`,
-// per-token offsets `toff`), and in expert order (their token `tok`, their position in token
-// order `pos`, per-expert offsets `off`).
+// From the [N, E] boolean mask: the (token, expert) pairs in token order (their expert `ex`)
+// and in expert order (their token `tok`, their position in token order `pos`, per-expert
+// offsets `off`).
 std::vector<Tensor> route(const Tensor& mask) {
   const int64_t N = mask.size(0), E = mask.size(1);
   const bool* M = mask.data_ptr<bool>();
   auto opt = torch::TensorOptions().dtype(torch::kInt64);
-  Tensor toff = torch::empty({N + 1}, opt), off = torch::zeros({E + 1}, opt);
-  int64_t* TO = toff.data_ptr<int64_t>();
+  Tensor off = torch::zeros({E + 1}, opt);
   int64_t* O = off.data_ptr<int64_t>();
-  TO[0] = 0;
-  for (int64_t t = 0; t < N; ++t) {
-    int64_t c = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      const bool on = M[t * E + e];
-      c += on;
-      O[e + 1] += on;
-    }
-    TO[t + 1] = TO[t] + c;
-  }
+  for (int64_t t = 0; t < N; ++t)
+    for (int64_t e = 0; e < E; ++e) O[e + 1] += M[t * E + e];
   for (int64_t e = 0; e < E; ++e) O[e + 1] += O[e];
-  const int64_t P = TO[N];
+  const int64_t P = O[E];
   Tensor ex = torch::empty({P}, opt), tok = torch::empty({P}, opt), pos = torch::empty({P}, opt);
   int64_t *X = ex.data_ptr<int64_t>(), *T = tok.data_ptr<int64_t>(), *Q = pos.data_ptr<int64_t>();
   std::vector<int64_t> fill(O, O + E);
@@ -72,7 +64,7 @@ std::vector<Tensor> route(const Tensor& mask) {
         T[q] = t;
         Q[q] = p++;
       }
-  return {ex, toff, tok, pos, off};
+  return {ex, tok, pos, off};
 }
 
 // For the pairs of each expert e (expert order): A[pos, j] = W1[e*s+j] . x[tok] and, when
@@ -206,15 +198,13 @@ static inline float activate(float v, int64_t act) {
   }
 }
 
-// The whole sparse FFN in one call (fewer framework round trips: what decoding one token at a
-// time pays for): pairs, pre-activations, activation (and gate product), biases, down
-// projection. Returns an empty tensor when more than max_pairs pairs are selected (the dense
-// product is then faster and the caller uses it).
+// The sparse FFN of one chunk of tokens: pairs, pre-activations, activation (and gate
+// product), biases, down projection.
 Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
                  const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out,
                  const Tensor& b_out, int64_t s, int64_t act) {
   auto r = route(mask);
-  const Tensor &ex = r[0], &toff = r[1], &tok = r[2], &pos = r[3], &off = r[4];
+  const Tensor &ex = r[0], &tok = r[1], &pos = r[2], &off = r[3];
   const int64_t P = ex.numel();
   const bool gated = w_gate.numel() > 0;
   Tensor up = torch::empty({P, s}, x.options());
@@ -242,6 +232,9 @@ Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const 
   return y;
 }
 
+// The whole sparse FFN in one call (fewer framework round trips: what decoding one token at a
+// time pays for). Returns an empty tensor when more than max_pairs pairs are selected (the
+// dense product is then faster and the caller uses it).
 Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
            const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
            int64_t s, int64_t act, int64_t max_pairs) {
@@ -289,7 +282,7 @@ def load():
                 from torch.utils.cpp_extension import load_inline
 
                 _module = load_inline(
-                    name="d2d_moe_cpu_v5",
+                    name="d2d_moe_cpu",  # torch rebuilds when the source changes
                     cpp_sources=[_SOURCE],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
@@ -361,7 +354,7 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     k = load()
     E, s = moe.n_experts, moe.expert_size
     x = x.contiguous()
-    ex, toff, tok, pos, off = k.route(mask.contiguous())
+    ex, tok, pos, off = k.route(mask.contiguous())
     pairs = ex.numel()
     up = torch.empty(pairs, s)
     gate = torch.empty(pairs, s) if moe.gated else _EMPTY

@@ -149,6 +149,12 @@ class MoEFFN(nn.Module):
             out.append(torch.einsum("nes,esd->ned", hc, w.to(hc.dtype)).norm(dim=-1))
         return torch.cat(out) if out else h.new_zeros(0, E)
 
+    def router_macs(self) -> int:
+        """The router's cost per token under the current policy (it runs only where the policy
+        can skip an expert and scores come from the router)."""
+        runs = self.router is not None and self.scores == "router" and self.routes()
+        return self.router.macs() if runs else 0
+
     def routes(self) -> bool:
         """Whether the policy can skip an expert; if not, scores (and the router) are not run."""
         return {
@@ -196,37 +202,36 @@ class MoEFFN(nn.Module):
             return True  # grouped_ffn
         return kernels.applies(x2, self.w_in, self.w_out) and kernels.load() is not None
 
+    def _run_sparse(self, x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Only the selected experts; None above SPARSE_MAX_FRACTION of the pairs (the caller
+        then takes the dense product)."""
+        from d2d.moe import kernels
+
+        cpu = x2.device.type == "cpu"
+        if cpu and kernels.act_code(self.act) >= 0:  # one kernel call, fraction test inside
+            return kernels.fused_ffn(self, x2, mask, self.SPARSE_MAX_FRACTION)
+        if mask.sum() > self.SPARSE_MAX_FRACTION * mask.numel():
+            return None
+        return (kernels.sparse_ffn if cpu else kernels.grouped_ffn)(self, x2, mask)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self._sparse_ok(x2):
-            from d2d.moe import kernels
-
-            mask = self.select(x2, None)
-            if self.stats is not None:
-                self._record(mask, x2.shape[0])
-            y = None
-            if x2.device.type == "cpu":  # one kernel call; None above the fraction limit
-                y = kernels.fused_ffn(self, x2, mask, self.SPARSE_MAX_FRACTION)
-                if y is None and kernels.act_code(self.act) < 0:
-                    if mask.sum() <= self.SPARSE_MAX_FRACTION * mask.numel():
-                        y = kernels.sparse_ffn(self, x2, mask)
-            elif mask.sum() <= self.SPARSE_MAX_FRACTION * mask.numel():
-                y = kernels.grouped_ffn(self, x2, mask)
-            if y is not None:
-                return y.view(*shape[:-1], self.d_model)
-            h = self.hidden(x2)
-            h = (h.view(-1, self.n_experts, self.expert_size) * mask.unsqueeze(-1)).flatten(1)
-            return self.down(h).view(*shape[:-1], self.d_model)
-        h = self.hidden(x2)
+        sparse = self._sparse_ok(x2)  # router scores only: the selection needs no activations
+        h = None if sparse else self.hidden(x2)
         if self.capture is not None:
             self.capture(x2, h)
         mask = self.select(x2, h)
+        if self.stats is not None:
+            self._record(mask, x2.shape[0])
+        if sparse:
+            y = self._run_sparse(x2, mask)
+            if y is not None:
+                return y.view(*shape[:-1], self.d_model)
+            h = self.hidden(x2)
         if mask is not None:
             E, s = self.n_experts, self.expert_size
             h = (h.view(-1, E, s) * mask.unsqueeze(-1).to(h.dtype)).view(-1, E * s)
-        if self.stats is not None:
-            self._record(mask, x2.shape[0])
         y = self.down(h)
         return y.view(*shape[:-1], self.d_model)
 

@@ -43,6 +43,11 @@ def validate(policy: dict) -> dict:
     return policy
 
 
+def global_tau(tau: float, chosen: dict | None = None) -> dict:
+    """A global-tau policy that keeps the chosen routing's dense sink (if any)."""
+    return {"rule": "tau", "tau": tau, "dense_positions": (chosen or {}).get("dense_positions", 0)}
+
+
 def describe(policy: dict | None) -> str:
     """A short human label for a policy: "tau 0.1", "per-layer threshold", "all experts"."""
     if not policy:
@@ -55,6 +60,16 @@ def describe(policy: dict | None) -> str:
     if policy.get("rule") == "topk":
         return f"top-k {policy.get('fraction', 1):.0%}"
     return f"tau {policy.get('tau', 0):g}"
+
+
+def describe_row(row: dict) -> str:
+    """The label of a calibration row: "dense (all experts)", "global tau 0.1",
+    "per-layer threshold @50%"."""
+    if row["rule"] == "dense":
+        return "dense (all experts)"
+    if "budget" in row:
+        return f"{describe(row['policy'])} @{100 * row['budget']:.0f}%"
+    return ("global " if row["rule"] == "global-tau" else "") + describe(row["policy"])
 
 
 def _moes(model: nn.Module) -> dict[int, MoEFFN]:
