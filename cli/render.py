@@ -170,15 +170,22 @@ def print_record(stage: str, rec: dict, out) -> None:
         t = Table(
             title=f"held-out evaluation ({m['tokens']} tokens), routing: {_policy(m['policy'])}"
         )
-        for c in ("model", m["rows"][0]["metric"], "change", "FFN FLOPs", "model FLOPs", "time"):
+        depth = any("depth" in r for r in m["rows"])
+        cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs", "model FLOPs"]
+        cols += ["blocks run", "causal accuracy"] if depth else []
+        for c in cols + ["time"]:
             t.add_column(c, justify="right")
         for r in m["rows"]:
+            d = r.get("depth") or {}
+            acc = d.get("predictor_accuracy")
+            extra = [_pct(d.get("block_fraction", 1.0)), "" if acc is None else _pct(acc)]
             t.add_row(
                 r["model"],
                 f"{r['quality']:.4g}",
                 _change(r["drop"]),
                 _pct(r["ffn_fraction"]),
                 _pct(r["model_fraction"]),
+                *(extra if depth else []),
                 f"{r['seconds']:.1f}s",
             )
         console.print(t)
@@ -189,18 +196,20 @@ def print_record(stage: str, rec: dict, out) -> None:
             title=f"held-out perplexity, capacity {m['capacity']:g} on blocks "
             f"{','.join(str(i) for i in m['routed_layers'])}"
         )
-        for c in ("routing", "perplexity", "block FLOPs", "routed-block FLOPs", "causal accuracy"):
+        cols = ("routing", "perplexity", "blocks run", "routed blocks run", "model FLOPs")
+        for c in cols + ("causal accuracy",):
             t.add_column(c, justify="right")
-        t.add_row("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "")
+        t.add_row("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "100.0%", "")
         for mode, label in (("topk", "top-k"), ("causal", "causal predictor")):
             r = m[mode]
-            acc = r["predictor_accuracy"]
+            acc = r.get("predictor_accuracy")
             t.add_row(
                 label,
                 f"{r['perplexity']:.4g}",
                 _pct(r["block_fraction"]),
                 _pct(r["routed_block_fraction"]),
-                _pct(acc) if mode == "topk" and acc is not None else "",
+                _pct(r["model_fraction"]) if "model_fraction" in r else "",
+                "" if acc is None else _pct(acc),
             )
         console.print(t)
     where = f" -> {out}" if out and stage not in ("eval", "bench") else ""
@@ -287,9 +296,7 @@ def print_inspect(d: dict) -> None:
         )
 
 
-def print_bench(m: dict) -> None:
-    """d2d bench: time ratios (converted / dense) beside FLOPs fractions, and the machine."""
-    lay = m["layer"]
+def _layer_table(lay: dict) -> None:
     t = Table(
         title=f"one FFN layer (layer {lay['layer']}: {lay['n_experts']} experts of "
         f"{lay['expert_size']}); medians, converted / dense"
@@ -307,6 +314,13 @@ def print_bench(m: dict) -> None:
             f"{r['d2d_ms']:.3f} ms",
         )
     console.print(t)
+
+
+def print_bench(m: dict) -> None:
+    """d2d bench: time ratios (converted / dense) beside FLOPs fractions, and the machine."""
+    lay = m["layer"]
+    if lay:
+        _layer_table(lay)
     if m["model"]:
         t = Table(title="whole model (fp32); speed-up = dense time / converted time")
         for c in ("measure", "routing", "FFN FLOPs", "model FLOPs", "dense", "d2d", "speed-up"):
@@ -325,8 +339,8 @@ def print_bench(m: dict) -> None:
     mem, mach = m["memory"], m["machine"]
     console.print(
         f"memory: tensors {mem['tensor_bytes'] / 2**20:.1f} MB = {mem['ratio']:.3f} x the dense "
-        f"model's ({mem['dense_tensor_bytes'] / 2**20:.1f} MB; routers and the neuron "
-        "permutation are the difference)"
+        f"model's ({mem['dense_tensor_bytes'] / 2**20:.1f} MB; routers, predictors and the "
+        "neuron permutation are the difference)"
     )
     console.print(
         f"[dim]machine: {mach['cpu']}, {mach['torch_threads']} torch threads of "

@@ -253,7 +253,7 @@ def replay(model: nn.Module, meta: dict) -> None:
         elif s["stage"] == "train-routers":
             attach_routers(moe_layers(model), st["hidden"])
         elif s["stage"] == "mod":
-            blocks = insert_mod(model, st["layers"], st["capacity"])
+            blocks = insert_mod(model, st["layers"], st["capacity"], st.get("sink", 0))
             if st.get("predictor") == "mlp":
                 for b in blocks.values():
                     b.add_predictor(st["hidden"])

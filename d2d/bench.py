@@ -10,6 +10,11 @@ FLOPs fraction of the same run.
    token counts; each repetition takes another slice of tokens (another token for 1 token).
 2. Whole model (fp32, batch 1 unless stated): prefill time for one `--prompt-len` prompt,
    and for causal LMs decode tokens/s with the KV cache at each `--decode-batch` size.
+
+Mixture-of-Depths artifacts: dense is every block on every token (the same weights); the model
+is timed with top-k routing (prefill only: top-k needs the whole sequence) and with the causal
+decision (prefill and decoding, as generate() runs it). There is no layer benchmark unless the
+FFNs are converted too.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from d2d import __version__
 from d2d.configs import BenchConfig, parse_int_list, parse_taus
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
-from d2d.flops import converted_ffn_flops, dense_ffn_macs, dense_flops
+from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
+from d2d.mod import mod_blocks, mod_stats, summarise
 from d2d.models import task_of
 from d2d.moe.convert import moe_layers
 from d2d.moe.routing import collecting, describe, global_tau, routing
@@ -77,9 +83,19 @@ def _policies(art, cfg: BenchConfig) -> list[tuple[str, dict]]:
         out.append((f"chosen ({describe(art.meta['routing'])})", art.meta["routing"]))
     for t in parse_taus(cfg.taus) if cfg.taus else []:
         out.append((f"tau {t:g}", global_tau(t, art.meta.get("routing"))))
+    blocks = mod_blocks(art.model)
+    if blocks and not moe_layers(art.model):
+        out.append(("", {}))  # the FFNs as they are
     if not out:
         raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --taus")
-    return out
+    if not blocks:
+        return out
+    cap = next(iter(blocks.values())).capacity
+    return [
+        (f"{name}{', ' if name else ''}MoD {mode} (capacity {cap:g})", {**pol, "depth": mode})
+        for name, pol in out
+        for mode in ("topk", "causal")
+    ]
 
 
 def _inputs(art, cfg: BenchConfig, layer: int, n_tokens: int) -> torch.Tensor:
@@ -174,14 +190,16 @@ def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
 
 
 def _ffn_and_model_fraction(
-    model, stats, seq_len: int, causal: bool, head: bool = True
+    model, stats, dstats, seq_len: int, causal: bool, head: bool = True
 ) -> tuple[float, float]:
     """FFN and whole-model FLOPs fractions per token (head=False: a prefill that computes the
     LM head for the last position only)."""
     dense = dense_flops(model, seq_len, causal)
-    ffn = converted_ffn_flops(model, stats)
-    total = dense.total - (0.0 if head else dense.head)
-    return ffn / dense.ffn, (total - dense.ffn + ffn) / total
+    n_layers = len(dense_ffn_macs(model))
+    processed = summarise(dstats, n_layers)["processed"] if dstats else {}
+    conv = converted_flops(model, seq_len, causal, stats, {int(i): f for i, f in processed.items()})
+    cut = 0.0 if head else dense.head
+    return conv.ffn / dense.ffn, (conv.total - cut) / (dense.total - cut)
 
 
 def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dict]:
@@ -198,7 +216,7 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
         ids, mask, _ = encode_docs(art.tokenizer, corpus, plen, 1)
         prompt = {"input_ids": ids, "attention_mask": torch.ones_like(mask)}
     batches = parse_int_list(cfg.decode_batch, "decode-batch") if causal else []
-    total = len(policies) * (1 + len(batches))
+    total = sum(1 + (len(batches) if p.get("depth") != "topk" else 0) for _, p in policies)
     rows = []
 
     def prefill(pol):
@@ -211,10 +229,11 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
         return f
 
     for name, pol in policies:
-        with routing(model, pol), collecting(model) as stats, torch.no_grad():
-            model(**prompt)
+        with routing(model, pol), collecting(model) as stats, mod_stats(model) as ds:
+            with torch.no_grad():
+                model(**prompt)
         last_only = "logits_to_keep" in prompt
-        ffn_f, model_f = _ffn_and_model_fraction(model, stats, plen, causal, not last_only)
+        ffn_f, model_f = _ffn_and_model_fraction(model, stats, ds, plen, causal, not last_only)
         t = interleaved({"dense": prefill(DENSE), "d2d": prefill(pol)}, cfg.reps, cfg.warmup)
         rows.append(
             {
@@ -229,7 +248,7 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
             }
         )
         progress("model benchmark", len(rows), total)
-        for b in batches:
+        for b in batches if pol.get("depth") != "topk" else []:  # top-k cannot decode
             start = lm_windows(art.tokenizer, corpus, cfg.decode_prompt, b)
 
             def decode(pol_, start=start):
@@ -239,10 +258,11 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
 
                 return f
 
-            with routing(model, pol), collecting(model) as dstats, torch.no_grad():
-                _decode_loop(model, start, cfg.new_tokens)
+            with routing(model, pol), collecting(model) as stats, mod_stats(model) as ds:
+                with torch.no_grad():
+                    _decode_loop(model, start, cfg.new_tokens, ds)
             ctx = cfg.decode_prompt + cfg.new_tokens
-            ffn_f, model_f = _ffn_and_model_fraction(model, dstats, ctx, True)
+            ffn_f, model_f = _ffn_and_model_fraction(model, stats, ds, ctx, True)
             t = interleaved({"dense": decode(DENSE), "d2d": decode(pol)}, cfg.reps, cfg.warmup)
             tokens = b * cfg.new_tokens
             rows.append(
@@ -261,13 +281,15 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
     return rows
 
 
-def _decode_loop(model, prompt: torch.Tensor, n: int) -> float:
+def _decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None) -> float:
     """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
-    of the n decode steps only."""
+    of the n decode steps only. `dstats` (Mixture-of-Depths counts) keeps the decode steps'."""
     # the KV cache is `cache` in newer transformers, `past_key_values` before
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=prompt, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
+    for s in (dstats or {}).values():
+        s.update(real=0, chosen=0, agree=0)
     t0 = time.perf_counter()
     for _ in range(n):
         out = model(input_ids=tok, use_cache=True, **{name: out[name]})
@@ -276,13 +298,13 @@ def _decode_loop(model, prompt: torch.Tensor, n: int) -> float:
 
 
 def memory(art) -> dict:
-    """Tensor bytes of the converted model against the dense model's (routers and the neuron
-    permutation are what conversion adds)."""
+    """Tensor bytes of the converted model against the dense model's (routers, MoD predictors
+    and the neuron permutation are what conversion adds)."""
     total = added = 0
     for name, t in list(art.model.named_parameters()) + list(art.model.named_buffers()):
         b = t.numel() * t.element_size()
         total += b
-        if ".router." in name or name.endswith(".perm"):
+        if ".router." in name or ".predictor." in name or name.endswith(".perm"):
             added += b
     path = art.path / "model.safetensors" if art.path else None
     disk = path.stat().st_size if path and path.exists() else None
@@ -295,14 +317,18 @@ def memory(art) -> dict:
 
 
 def bench(art, cfg: BenchConfig, progress: Progress = null_progress) -> dict:
-    if not moe_layers(art.model):
-        raise D2DError("bench compares a converted model with its dense self: run d2d convert")
+    moes = moe_layers(art.model)
+    if not moes and not mod_blocks(art.model):
+        raise D2DError(
+            "bench compares a converted model with its dense self: run d2d convert or d2d mod"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     art.model.float().eval()
     policies = _policies(art, cfg)
     out = {"machine": machine(), "config": asdict(cfg)}
-    out["layer"] = layer_bench(art, cfg, policies, progress)
+    moe_policies = [(n, p) for n, p in policies if p.get("depth") != "topk"]
+    out["layer"] = layer_bench(art, cfg, moe_policies, progress) if moes else None
     out["model"] = model_bench(art, cfg, policies, progress) if cfg.model else []
     out["memory"] = memory(art)
     out["dense_ffn_macs_per_token"] = sum(dense_ffn_macs(art.model))

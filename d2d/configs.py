@@ -168,19 +168,30 @@ class ModConfig(TrainFields):
     layers: str = field(
         default="", metadata={"help": "Blocks to route instead, e.g. '1,3,5' (not block 0)."}
     )
+    sink: int = field(
+        default=1,
+        metadata={"help": "Leading positions every routed block processes (attention sink)."},
+    )
     anneal: float = field(
         default=0.3,
         metadata={"help": "Fraction of the steps over which capacity falls from 1.0 to its value."},
     )
     predictor: str = field(
-        default="aux-loss",
+        default="mlp",
         metadata={
             "help": "Causal decision for generation: aux-loss (BCE on the router) or mlp (a "
             "small predictor on stop-gradient inputs)."
         },
     )
     aux_weight: float = field(
-        default=0.01, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
+        default=0.1, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
+    )
+    router_lr: float = field(
+        default=2e-3,
+        metadata={
+            "help": "Peak learning rate of the new routers and predictors (the model's own "
+            "weights use --lr)."
+        },
     )
 
     def __post_init__(self):
@@ -188,6 +199,8 @@ class ModConfig(TrainFields):
             raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
         if self.every < 1:
             raise D2DError(f"every must be >= 1, got {self.every}")
+        if self.sink < 0:
+            raise D2DError(f"sink must be >= 0, got {self.sink}")
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         if self.predictor not in PREDICTORS:
@@ -196,6 +209,8 @@ class ModConfig(TrainFields):
             )
         if self.aux_weight < 0:
             raise D2DError(f"aux-weight must be >= 0, got {self.aux_weight}")
+        if not self.router_lr > 0:
+            raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
         super().__post_init__()
 
     def capacity_at(self, step: int) -> float:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
-from d2d.flops import converted_ffn_flops, dense_flops
+from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
+from d2d.mod import mod_stats, summarise
 from d2d.models import task_of
 from d2d.moe.routing import collecting, routing
 from d2d.progress import Progress, null_progress
@@ -74,6 +75,7 @@ class Measurement:
     layer_fractions: dict = field(default_factory=dict)
     usage: dict = field(default_factory=dict)
     k_hist: dict = field(default_factory=dict)
+    depth: dict = field(default_factory=dict)  # Mixture-of-Depths: processed fractions, accuracy
 
 
 class Evaluator:
@@ -120,7 +122,7 @@ class Evaluator:
     ) -> Measurement:
         ref = self.reference(model) if self.task == "encoder" else None
         nll, count, correct, cos = 0.0, 0, 0, 0.0
-        with routing(model, policy), collecting(model) as stats:
+        with routing(model, policy), collecting(model) as stats, mod_stats(model) as dstats:
             for j, b in enumerate(self.batches):
                 out = self._forward(model, b)
                 if self.task == "causal-lm":
@@ -140,7 +142,7 @@ class Evaluator:
                     cos += float(F.cosine_similarity(p, ref[j], dim=-1).sum())
                     count += p.shape[0]
                 progress(label, j + 1, len(self.batches))
-            flops = self._flops(model, stats)  # inside: router cost depends on the policy
+            flops = self._flops(model, stats, dstats)  # inside: router cost depends on the policy
         if self.task == "causal-lm":
             q = math.exp(nll / count)
         elif self.task == "classification":
@@ -150,17 +152,21 @@ class Evaluator:
         flops.quality = q
         return flops
 
-    def _flops(self, model, stats) -> Measurement:
+    def _flops(self, model, stats, dstats) -> Measurement:
         from d2d.moe.convert import moe_layers
 
-        dense = dense_flops(model, self.seq_len, causal=self.task == "causal-lm")
-        ffn = converted_ffn_flops(model, stats)
+        causal = self.task == "causal-lm"
+        dense = dense_flops(model, self.seq_len, causal)
+        blocks = summarise(dstats, len(dense_ffn_macs(model))) if dstats else {}
+        processed = {int(i): f for i, f in blocks.get("processed", {}).items() if f is not None}
+        conv = converted_flops(model, self.seq_len, causal, stats, processed)
         moes = moe_layers(model)
         return Measurement(
             quality=float("nan"),
-            ffn_fraction=ffn / dense.ffn,
-            model_fraction=(dense.total - dense.ffn + ffn) / dense.total,
+            ffn_fraction=conv.ffn / dense.ffn,
+            model_fraction=conv.total / dense.total,
             layer_fractions={str(i): s.fraction(moes[i].n_experts) for i, s in stats.items()},
             usage={str(i): s.usage.tolist() for i, s in stats.items() if s.usage is not None},
             k_hist={str(i): s.k_hist.tolist() for i, s in stats.items() if s.k_hist is not None},
+            depth=blocks,
         )

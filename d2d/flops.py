@@ -3,6 +3,10 @@
 Counted: attention projections, attention scores and weighted sum (average causal context for
 decoders, full length for encoders), FFNs (executed experts only, plus router cost), and the LM
 head. Embedding look-ups, norms and activations are ignored: they are small and the same for both.
+
+Mixture-of-Depths: a routed block that processes a fraction f of the tokens costs f of its
+projections and FFN, and about f^2 of its attention scores (chosen tokens attend to chosen tokens
+only); its router (and causal predictor, when it decides) runs on every token.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ class FlopsBreakdown:
     attention: float
     ffn: float
     head: float
+    routers: float = 0.0  # Mixture-of-Depths block routers (MoE routers count in ffn)
 
     @property
     def total(self) -> float:
-        return self.attention + self.ffn + self.head
+        return self.attention + self.ffn + self.head + self.routers
 
 
 def _cfg(model: nn.Module, *names, default=None):
@@ -48,29 +53,57 @@ def dense_ffn_macs(model: nn.Module) -> list[int]:
     return out
 
 
-def dense_flops(model: nn.Module, seq_len: int, causal: bool) -> FlopsBreakdown:
+def _attention_macs(model: nn.Module, seq_len: int, causal: bool) -> tuple[float, float]:
+    """One block's attention MACs per token: (projections, scores and weighted sum)."""
     d = _cfg(model, "hidden_size", "n_embd")
     heads = _cfg(model, "num_attention_heads", "n_head")
     kv = _cfg(model, "num_key_value_heads", default=heads)
     hd = _cfg(model, "head_dim", default=d // heads)
-    n_layers = len(dense_ffn_macs(model))
     ctx = (seq_len + 1) / 2 if causal else seq_len
-    attn = n_layers * (d * heads * hd * 2 + 2 * d * kv * hd + 2 * heads * hd * ctx)
-    head = d * _cfg(model, "vocab_size") if causal else 0
-    return FlopsBreakdown(2.0 * attn, 2.0 * sum(dense_ffn_macs(model)), 2.0 * head)
+    return d * heads * hd * 2 + 2 * d * kv * hd, 2 * heads * hd * ctx
+
+
+def dense_flops(model: nn.Module, seq_len: int, causal: bool) -> FlopsBreakdown:
+    n_layers = len(dense_ffn_macs(model))
+    proj, scores = _attention_macs(model, seq_len, causal)
+    head = _cfg(model, "hidden_size", "n_embd") * _cfg(model, "vocab_size") if causal else 0
+    return FlopsBreakdown(
+        2.0 * n_layers * (proj + scores), 2.0 * sum(dense_ffn_macs(model)), 2.0 * head
+    )
+
+
+def converted_flops(
+    model: nn.Module,
+    seq_len: int,
+    causal: bool,
+    stats: dict[int, LayerStats],
+    processed: dict[int, float] | None = None,
+) -> FlopsBreakdown:
+    """FLOPs per token measured from execution statistics: MoE layers at the fraction of
+    experts they ran (router cost included), routed blocks (Mixture-of-Depths) at the fraction
+    of tokens `processed[i]` they took (their router cost included)."""
+    from d2d.mod import mod_blocks
+    from d2d.moe.convert import moe_layers
+
+    moes, blocks = moe_layers(model), mod_blocks(model)
+    processed = processed or {}
+    proj, scores = _attention_macs(model, seq_len, causal)
+    attn = ffn = routers = 0.0
+    for i, macs in enumerate(dense_ffn_macs(model)):
+        f = processed.get(i, 1.0) if i in blocks else 1.0
+        if i in blocks:
+            routers += blocks[i].router_macs()
+        attn += f * proj + f * f * scores
+        m = moes.get(i)
+        if m is None:
+            ffn += f * macs
+            continue
+        frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
+        ffn += f * (frac * macs + m.router_macs())
+    dense = dense_flops(model, seq_len, causal)
+    return FlopsBreakdown(2.0 * attn, 2.0 * ffn, dense.head, 2.0 * routers)
 
 
 def converted_ffn_flops(model: nn.Module, stats: dict[int, LayerStats]) -> float:
     """FFN FLOPs per token measured from execution statistics (router cost included)."""
-    from d2d.moe.convert import moe_layers
-
-    moes = moe_layers(model)
-    total = 0.0
-    for i, macs in enumerate(dense_ffn_macs(model)):
-        m = moes.get(i)
-        if m is None:
-            total += macs
-            continue
-        frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
-        total += frac * macs + m.router_macs()
-    return 2.0 * total
+    return converted_flops(model, 1, True, stats).ffn

@@ -1,6 +1,6 @@
 """Mixture-of-Depths (Raposo et al., 2024) retrofitted onto a dense decoder: the structure.
 
-A routed block gets a scalar router r = w . x + b per token. The tokens it processes get
+A routed block gets a scalar router r = w . x / rms(x) + b per token. The tokens it processes get
 x + g(r) * (block(x) - x), with g(r) = 2 * sigmoid(r): only the block's update is scaled (the
 block's own residual is not), and a router initialised to zero gives g = 1, so that inserting
 routers changes nothing until they are trained. The other tokens pass the block unchanged.
@@ -10,6 +10,9 @@ Which tokens a routed block processes:
   with the largest r (non-causal: it looks at the whole sequence). Padding is never chosen.
 - "causal" (generation): a token is processed iff sigmoid(r) > 0.5, a decision that needs no
   later token, trained to agree with top-k membership (an auxiliary BCE loss).
+- "dense": every real token (the reference: top-k at capacity 1.0).
+The first `sink` positions of a sequence are always processed and count towards k: a pretrained
+decoder parks attention on its first token, and a block that loses it loses its footing.
 
 Chosen tokens keep their original positions (their rotary embeddings are gathered, not
 recomputed) and attend causally to the chosen tokens of the same block only. With a KV cache a
@@ -24,6 +27,8 @@ Gemma, OLMo, Granite: d2d's "gated" family).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -32,14 +37,22 @@ from d2d.errors import D2DError
 from d2d.moe.convert import install_context
 from d2d.moe.layer import RoutingContext
 
-MODES = ("topk", "causal")
+MODES = ("topk", "causal", "dense")
 
 
 class MoDBlock(nn.Module):
     """A decoder block behind a Mixture-of-Depths router."""
 
-    def __init__(self, block: nn.Module, d_model: int, capacity: float, context: RoutingContext):
+    def __init__(
+        self,
+        block: nn.Module,
+        d_model: int,
+        capacity: float,
+        context: RoutingContext,
+        sink: int = 0,
+    ):
         super().__init__()
+        self.sink = sink
         self.block = block
         self.router = nn.Linear(d_model, 1)
         nn.init.zeros_(self.router.weight)
@@ -71,10 +84,29 @@ class MoDBlock(nn.Module):
             device=w.device, dtype=w.dtype
         )
 
-    def choose(self, r: torch.Tensor, causal: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, T]: the tokens this block processes."""
+    def router_macs(self) -> int:
+        """Multiply-accumulates per token of the decision in the current mode (the router, and
+        the MLP predictor where it decides)."""
+        macs = self.router.in_features
+        if self.mode == "causal" and self.predictor is not None:
+            macs += sum(m.weight.numel() for m in self.predictor if isinstance(m, nn.Linear))
+        return macs
+
+    def choose(
+        self,
+        r: torch.Tensor,
+        causal: torch.Tensor,
+        real: torch.Tensor,
+        forced: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Boolean [B, T]: the tokens this block processes (`forced`: the sink positions)."""
         if self.mode == "causal":
-            return (causal > 0) & real  # sigmoid(logit) > 0.5
+            choice = causal > 0  # sigmoid(logit) > 0.5
+            return (choice | forced if forced is not None else choice) & real
+        if self.mode == "dense":
+            return real
+        if forced is not None:
+            r = r.masked_fill(forced, float("inf"))
         n_real = real.sum(-1)
         k = torch.minimum(torch.ceil(self.capacity * n_real.float()).long(), n_real)
         masked = r.masked_fill(~real, float("-inf"))
@@ -95,21 +127,42 @@ class MoDBlock(nn.Module):
     ) -> torch.Tensor:
         x = hidden_states
         b, t, _ = x.shape
-        r = self.router(x).squeeze(-1)  # [B, T]
+        # the router reads the RMS-normalised stream: its logits do not grow with the stream's
+        # scale, which varies by orders of magnitude across a pretrained model's depth
+        xn = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+        r = self.router(xn).squeeze(-1)  # [B, T]
         tm = self.context.token_mask  # this forward's real tokens (set by a model pre-hook)
         real = (
             tm.bool()
             if tm is not None and tm.shape == (b, t)
             else torch.ones(b, t, dtype=torch.bool, device=x.device)
         )
-        causal = r if self.predictor is None else self.predictor(x.detach()).squeeze(-1)
-        choice = self.choose(r, causal, real)
+        causal = r if self.predictor is None else self.predictor(xn.detach()).squeeze(-1)
+        forced = None
+        if self.sink and position_ids is not None:
+            forced = position_ids.expand(b, -1) < self.sink
+        choice = self.choose(r, causal, real, forced)
         self.last_choice, self.last_logits = choice, r
         self.last_causal, self.last_real = causal, real
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
         if k == 0:  # nothing to process: no work and no cache entry in this block
             return x
+        if k == t and bool(choice.all()) and self._cache_whole(cache, t):
+            # every token (dense mode, capacity 1.0, or a decode step the block takes): the
+            # block as it is, with the model's own mask; only the update is scaled
+            self._mask(cache, choice, x.dtype, build=False)
+            ys = self.block(
+                x,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            ys = ys[0] if isinstance(ys, tuple) else ys
+            return x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * (ys - x)
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
             torch.where(
@@ -140,9 +193,26 @@ class MoDBlock(nn.Module):
         upd = (g * (ys - xs)) * valid[:, :, None].to(x.dtype)
         return x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd)
 
-    def _mask(self, cache, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _cache_whole(self, cache, t: int) -> bool:
+        """True when this block's cached keys are all real entries (no placeholder) and every
+        earlier token wrote one, so the model's own causal mask is right for it."""
+        if cache is None:
+            return True
+        past = cache.__dict__.get("_d2d_mod_valid", {}).get(self.layer_idx)
+        seen = cache.get_seq_length(self.layer_idx)
+        # block 0 is never routed and has cached this forward's tokens already
+        if seen + t != cache.get_seq_length(0):
+            return False
+        return (past is None and seen == 0) or (
+            past is not None and past.shape[1] == seen and bool(past.all())
+        )
+
+    def _mask(
+        self, cache, valid: torch.Tensor, dtype: torch.dtype, build: bool = True
+    ) -> torch.Tensor | None:
         """Additive [B, 1, k, past + k] mask: causal among this block's chosen tokens, blind to
-        placeholders (and to this block's earlier placeholders in the cache)."""
+        placeholders (and to this block's earlier placeholders in the cache). Records the
+        entries' validity with the cache (build=False: only that)."""
         b, k = valid.shape
         past_valid = None
         if cache is not None:
@@ -151,6 +221,8 @@ class MoDBlock(nn.Module):
             store[self.layer_idx] = (
                 valid if past_valid is None else torch.cat([past_valid, valid], 1)
             )
+        if not build:
+            return None
         keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], 1)
         p = keys_valid.shape[1] - k
         causal = torch.ones(k, k, dtype=torch.bool, device=valid.device).tril()
@@ -178,7 +250,9 @@ def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
     return [i for i in range(n_layers) if i % every == every - 1]
 
 
-def insert_mod(model: nn.Module, layers: list[int], capacity: float) -> dict[int, MoDBlock]:
+def insert_mod(
+    model: nn.Module, layers: list[int], capacity: float, sink: int = 0
+) -> dict[int, MoDBlock]:
     """Put a router in front of the given decoder blocks (structure only; routers start at 0)."""
     if not 0.0 < capacity <= 1.0:
         raise D2DError(f"capacity must be in (0, 1], got {capacity}")
@@ -197,7 +271,7 @@ def insert_mod(model: nn.Module, layers: list[int], capacity: float) -> dict[int
         if isinstance(parent[i], MoDBlock):
             raise D2DError(f"block {i} already has a Mixture-of-Depths router")
         w = next(parent[i].parameters())
-        parent[i] = MoDBlock(parent[i], d, capacity, ctx).to(device=w.device, dtype=w.dtype)
+        parent[i] = MoDBlock(parent[i], d, capacity, ctx, sink).to(device=w.device, dtype=w.dtype)
         out[i] = parent[i]
     return out
 
@@ -214,3 +288,59 @@ def set_mode(model: nn.Module, mode: str, capacity: float | None = None) -> None
         m.mode = mode
         if capacity is not None:
             m.capacity = capacity
+
+
+@contextmanager
+def depth(model: nn.Module, mode: str | None, capacity: float | None = None):
+    """Route the blocks with `mode` (and `capacity`) during the block, then restore."""
+    blocks = mod_blocks(model)
+    saved = {i: (b.mode, b.capacity) for i, b in blocks.items()}
+    try:
+        if mode is not None:
+            set_mode(model, mode, capacity)
+        yield
+    finally:
+        for i, b in blocks.items():
+            b.mode, b.capacity = saved[i]
+
+
+@contextmanager
+def mod_stats(model: nn.Module):
+    """Per routed block during the block: real tokens, processed tokens, and how often the
+    causal decision agrees with top-k membership at the block's capacity. Yields {layer: counts}."""
+    blocks = mod_blocks(model)
+    stats = {i: {"real": 0, "chosen": 0, "agree": 0} for i in blocks}
+    handles = []
+    for i, b in blocks.items():
+
+        def hook(mod: MoDBlock, args, out, i=i):
+            real, s = mod.last_real, stats[i]
+            s["real"] += int(real.sum())
+            s["chosen"] += int(mod.last_choice.sum())
+            if mod.mode == "topk":  # the causal decision against the choice it imitates
+                s["agree"] += int((((mod.last_causal > 0) == mod.last_choice) & real).sum())
+            else:
+                s["agree"] = None
+
+        handles.append(b.register_forward_hook(hook))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def summarise(stats: dict, n_layers: int) -> dict:
+    """Processed fractions (per routed block, of the routed blocks, of all blocks) and the
+    causal decision's agreement with top-k (None unless measured under top-k)."""
+    real = sum(s["real"] for s in stats.values())
+    chosen = sum(s["chosen"] for s in stats.values())
+    routed = chosen / real if real else float("nan")
+    k = len(stats)
+    agree = [s["agree"] for s in stats.values()]
+    return {
+        "processed": {str(i): s["chosen"] / max(s["real"], 1) for i, s in stats.items()},
+        "routed_block_fraction": routed,
+        "block_fraction": (n_layers - k + k * routed) / n_layers,
+        "predictor_accuracy": sum(agree) / real if real and None not in agree else None,
+    }

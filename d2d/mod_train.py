@@ -9,8 +9,6 @@ loop is the one `sparsify` uses (d2d/train.py).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
@@ -19,44 +17,9 @@ from d2d.configs import ModConfig
 from d2d.data import lm_windows, load_corpus
 from d2d.dist import is_main_process
 from d2d.errors import D2DError
-from d2d.mod import MoDBlock, insert_mod, mod_blocks, routed_layers, set_mode
+from d2d.mod import insert_mod, mod_blocks, routed_layers, set_mode
 from d2d.models import task_of
 from d2d.progress import Progress, null_progress
-
-
-@contextmanager
-def mod_stats(model):
-    """Per routed block during the block: real tokens, processed tokens, and how often the
-    causal decision agrees with the block's choice. Yields {layer: counts}."""
-    stats = {i: {"real": 0, "chosen": 0, "agree": 0} for i in mod_blocks(model)}
-    handles = []
-    for i, b in mod_blocks(model).items():
-
-        def hook(mod: MoDBlock, args, out, i=i):
-            real = mod.last_real
-            s = stats[i]
-            s["real"] += int(real.sum())
-            s["chosen"] += int(mod.last_choice.sum())
-            s["agree"] += int((((mod.last_causal > 0) == mod.last_choice) & real).sum())
-
-        handles.append(b.register_forward_hook(hook))
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def summarise(stats: dict, n_layers: int) -> dict:
-    real = sum(s["real"] for s in stats.values())
-    chosen = sum(s["chosen"] for s in stats.values())
-    routed_frac = chosen / real if real else float("nan")
-    k = len(stats)
-    return {
-        "routed_block_fraction": routed_frac,  # work done in routed blocks / dense
-        "block_fraction": (n_layers - k + k * routed_frac) / n_layers,  # all blocks
-        "predictor_accuracy": sum(s["agree"] for s in stats.values()) / real if real else None,
-    }
 
 
 class ModTask:
@@ -64,6 +27,17 @@ class ModTask:
         self.ids, self.cfg, self.evaluate_fn = ids, cfg, evaluate_fn
         self.blocks = mod_blocks(model)
         self.n_examples = len(ids)
+
+    def new_parameters(self):
+        """The routers and predictors: new, so they train at their own learning rate."""
+        params = [
+            p
+            for b in self.blocks.values()
+            for m in (b.router, b.predictor)
+            if m is not None
+            for p in m.parameters()
+        ]
+        return params, self.cfg.router_lr
 
     def batch(self, indices) -> dict:
         return {"input_ids": self.ids[indices]}
@@ -90,6 +64,16 @@ class ModTask:
         return self.evaluate_fn(model)
 
 
+def depth_row(m) -> dict:
+    """A measurement's Mixture-of-Depths summary: perplexity, FLOPs, processed fractions."""
+    return {
+        "perplexity": m.quality,
+        "model_fraction": m.model_fraction,
+        "ffn_fraction": m.ffn_fraction,
+        **m.depth,
+    }
+
+
 def evaluator_for(art, cfg: ModConfig):
     from d2d.evaluate import Evaluator
 
@@ -97,17 +81,10 @@ def evaluator_for(art, cfg: ModConfig):
         art.model, art.tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.eval_tokens, cfg.seed,
         cfg.bf16,
     )  # fmt: skip
-    n_layers = len(arch.blocks(art.model, arch.detect(art.model)))
 
     def evaluate(model) -> dict:
-        out = {}
-        for mode in ("topk", "causal"):
-            set_mode(model, mode, cfg.capacity)
-            with mod_stats(model) as st:
-                q = ev.measure(model, {"rule": "all"}).quality
-            out[mode] = {"perplexity": q, **summarise(st, n_layers)}
-        set_mode(model, "causal")
-        return out
+        set_mode(model, "causal", cfg.capacity)
+        return {mode: depth_row(ev.measure(model, {"depth": mode})) for mode in ("topk", "causal")}
 
     return ev, evaluate
 
@@ -128,7 +105,7 @@ def mod(art, cfg: ModConfig, progress: Progress = null_progress, out=None):
     ev, evaluate = evaluator_for(art, cfg)
     dense = ev.measure(model, {"rule": "all"}).quality if is_main_process() else None
     torch.manual_seed(cfg.seed)
-    insert_mod(model, layers, 1.0)
+    insert_mod(model, layers, 1.0, cfg.sink)
     hidden = None
     if cfg.predictor == "mlp":
         hidden = max(16, model.config.hidden_size // 8)
@@ -146,6 +123,7 @@ def mod(art, cfg: ModConfig, progress: Progress = null_progress, out=None):
     structure = {
         "layers": layers,
         "capacity": cfg.capacity,
+        "sink": cfg.sink,
         "predictor": cfg.predictor,
         "hidden": hidden,
     }

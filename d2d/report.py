@@ -18,6 +18,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from d2d import __version__
 from d2d.artifact import atomic_dir, last_stage, read_meta
 from d2d.errors import D2DError
@@ -29,7 +31,72 @@ FIGURES = {
     "usage": "Expert usage per layer",
     "k_hist": "Experts executed per token",
     "sparsity": "FFN activation sparsity",
+    "mod_map": "Mixture-of-Depths routing map",
+    "mod_training": "Mixture-of-Depths training",
 }
+MAP_TOKENS = 96  # tokens shown in the routing map
+
+
+def measure_routing_map(path: Path, meta: dict, data: str | None) -> dict:
+    """Which tokens each routed block processes, under top-k and under the causal decision,
+    for the first window of the held-out split (the window length the routers trained on)."""
+    from d2d.artifact import load_artifact
+    from d2d.data import lm_windows, load_corpus
+    from d2d.mod import depth, mod_blocks
+
+    cfg = last_stage(meta, "mod")["config"]
+    data = data or cfg.get("data")
+    art = load_artifact(path)
+    corpus = load_corpus(data).split("heldout", cfg.get("seed", 0))
+    ids = lm_windows(art.tokenizer, corpus, cfg.get("seq_len", 256), 1)
+    maps = {}
+    for mode in ("topk", "causal"):
+        with depth(art.model, mode), torch.no_grad():
+            art.model(input_ids=ids)
+        maps[mode] = {
+            str(i): b.last_choice[0, :MAP_TOKENS].int().tolist()
+            for i, b in mod_blocks(art.model).items()
+        }
+    tokens = [art.tokenizer.decode([t]) for t in ids[0, :MAP_TOKENS].tolist()]
+    return {"tokens": tokens, "maps": maps, "data": data, "window": int(ids.shape[1])}
+
+
+def routing_map_figure(rmap: dict) -> bytes:
+    import numpy as np
+
+    plt = _plt()
+    tokens = [t.replace("\n", "\\n").replace("$", r"\$") or " " for t in rmap["tokens"]]
+    modes = [("topk", "top-k (training, evaluation)"), ("causal", "causal decision (generation)")]
+    layers = sorted(rmap["maps"]["topk"], key=int)
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(8, 0.13 * len(tokens) + 2), 0.5 * len(layers) + 2.4), sharex=True
+    )
+    for ax, (mode, title) in zip(axes, modes, strict=True):
+        mat = np.array([rmap["maps"][mode][i] for i in layers], dtype=float)
+        ax.imshow(mat, aspect="auto", cmap="Blues", vmin=0, vmax=1.25, interpolation="nearest")
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_ylabel("routed block")
+        share = mat.mean() if mat.size else 0.0
+        ax.set_title(f"{title}: {100 * share:.0f}% of these tokens processed", fontsize=9)
+    axes[-1].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+    axes[-1].set_xlabel("token (dark: the block processes it; white: it skips the block)")
+    return _png(fig)
+
+
+def mod_training_figure(metrics: dict) -> bytes:
+    plt = _plt()
+    evals = [e for e in metrics.get("evals", []) if "topk" in e]
+    steps = [e.get("step", j) for j, e in enumerate(evals)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for mode, label in (("topk", "top-k"), ("causal", "causal decision")):
+        ax.plot(steps, [e[mode]["perplexity"] for e in evals], marker="o", label=label)
+    if metrics.get("dense_perplexity"):
+        ax.axhline(metrics["dense_perplexity"], color="grey", ls="--", label="dense, before")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def measure_usage(
@@ -291,6 +358,16 @@ def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str
             ("model FLOPs", _pct(ch["model_fraction"])),
             (cal["metric"], f"{ch['quality']:.4g} (dense {cal['dense_quality']:.4g})"),
         ]
+    mod = last_stage(meta, "mod")
+    if mod and mod.get("metrics"):
+        mm = mod["metrics"]
+        cards += [
+            ("MoD capacity", f"{mm['capacity']:g} on {len(mm['routed_layers'])} blocks"),
+            ("perplexity, causal", f"{mm['causal']['perplexity']:.4g}"),
+            ("perplexity, top-k", f"{mm['topk']['perplexity']:.4g}"),
+        ]
+        if mm["topk"].get("predictor_accuracy") is not None:
+            cards.append(("causal accuracy", _pct(mm["topk"]["predictor_accuracy"])))
     moe = summary.get("moe")
     if moe:
         cards.append(("experts", f"{len(moe['layers'] or [])} layers x {moe['n_experts']}"))
@@ -357,7 +434,7 @@ def build_report(
             "routing rule measured by calibrate; the star is the dense model, the red ring the "
             "chosen operating point."
         )
-    else:
+    elif last_stage(meta, "convert"):
         notes.append("No calibration yet: run d2d calibrate for the cost-quality curve.")
     if tau is None and cal and cal.get("usage"):
         usage = {
@@ -388,11 +465,34 @@ def build_report(
             "Per layer, the fraction of FFN activations that are exactly zero (bars) and below "
             "1% of the token's largest (marks), on held-out tokens, before and after sparsify."
         )
+    mod = last_stage(meta, "mod")
+    rmap = None
+    if mod:
+        rmap = measure_routing_map(path, meta, data)
+        figs["mod_map"] = routing_map_figure(rmap)
+        captions["mod_map"] = (
+            f"The first {len(rmap['tokens'])} tokens of a {rmap['window']}-token held-out window "
+            f"of {rmap['data']}: which tokens each routed block processes at capacity "
+            f"{mod['structure']['capacity']:g}, under top-k (which sees the whole window) and "
+            "under the causal decision generation uses."
+        )
+        if any("topk" in e for e in (mod.get("metrics") or {}).get("evals", [])):
+            figs["mod_training"] = mod_training_figure(mod["metrics"])
+            captions["mod_training"] = (
+                "Held-out perplexity during the retrofit (capacity anneals from 1.0), under "
+                "top-k routing and under the causal decision; dashed: the model before."
+            )
     page = _page(summary, meta, figs, captions, notes)
     with atomic_dir(out, overwrite) as tmp:
         for k, png in figs.items():
             (tmp / f"{k}.png").write_bytes(png)
         (tmp / "index.html").write_text(page)
-        record = {"artifact": str(path), "figures": list(figs), "notes": notes, "usage": usage}
+        record = {
+            "artifact": str(path),
+            "figures": list(figs),
+            "notes": notes,
+            "usage": usage,
+            "routing_map": rmap,
+        }
         (tmp / "report.json").write_text(json.dumps(record, indent=1) + "\n")
     return {"out": str(out), "figures": list(figs), "notes": notes}

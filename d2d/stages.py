@@ -79,6 +79,7 @@ def _calibrate(art: Artifact, cfg: CalibrateConfig, progress: Progress):
 
 def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     from d2d.evaluate import Evaluator, quality_drop
+    from d2d.mod import mod_blocks
     from d2d.moe.convert import moe_layers
     from d2d.moe.routing import global_tau
 
@@ -95,14 +96,19 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
     ev = Evaluator(
         art.model, art.tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.tokens, cfg.seed, cfg.bf16
     )
-    t0 = time.perf_counter()
-    dense = ev.measure(art.model, {"rule": "all"}, progress, "dense model")
-    t_dense = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    conv = ev.measure(art.model, policy, progress, "converted model")
-    t_conv = time.perf_counter() - t0
-    rows = []
-    for name, m, secs in (("dense", dense, t_dense), ("d2d", conv, t_conv)):
+    runs = [("dense", {"rule": "all"}, "dense model")]
+    if mod_blocks(art.model):  # routed blocks: the top-k choice and the causal decision
+        runs += [
+            ("d2d top-k", {**policy, "depth": "topk"}, "top-k routing"),
+            ("d2d causal", {**policy, "depth": "causal"}, "causal routing"),
+        ]
+    else:
+        runs.append(("d2d", policy, "converted model"))
+    rows, dense = [], None
+    for name, pol, label in runs:
+        t0 = time.perf_counter()
+        m = ev.measure(art.model, pol, progress, label)
+        dense = dense or m
         rows.append(
             {
                 "model": name,
@@ -111,8 +117,9 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
                 "drop": quality_drop(ev.metric, m.quality, dense.quality),
                 "ffn_fraction": m.ffn_fraction,
                 "model_fraction": m.model_fraction,
-                "seconds": secs,
+                "seconds": time.perf_counter() - t0,
                 "layer_fractions": m.layer_fractions,
+                **({"depth": m.depth} if m.depth else {}),
             }
         )
     return {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}, {}
@@ -195,9 +202,9 @@ STAGES: dict[str, Stage] = {
             "bench",
             BenchConfig,
             _bench,
-            ("convert",),
+            (),  # a converted or a Mixture-of-Depths artifact: bench() checks
             writes_artifact=False,
-            help="Wall-clock time of the converted model against the dense one (ratios).",
+            help="Wall-clock time of a converted / MoD model against the dense one (ratios).",
         ),
     )
 }

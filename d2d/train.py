@@ -45,6 +45,9 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module) -> dict: ...
 
+    # Optional: `new_parameters() -> (params, lr)`, parameters the task added (routers) that
+    # train at their own peak learning rate under the same schedule.
+
 
 @dataclass
 class TrainResult:
@@ -175,13 +178,16 @@ def train(
         raise D2DError("the training data holds no examples")
     set_seed(cfg.seed)
     fp = _fingerprint(cfg, fingerprint or {})
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
-        lr=cfg.lr,
-        weight_decay=0.0,
-    )
+    new, new_lr = task.new_parameters() if hasattr(task, "new_parameters") else ([], cfg.lr)
+    new_ids = {id(p) for p in new}
+    own = [p for p in model.parameters() if p.requires_grad and id(p) not in new_ids]
+    groups = [
+        {"params": [p for p in own if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in own if p.dim() < 2]},
+    ]
+    if new:
+        groups.append({"params": [p for p in new if p.requires_grad], "lr": new_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.decay]
     scheduler = get_scheduler(
         name,

@@ -99,3 +99,18 @@ def calibrated(model_dirs, tmp_path_factory):
         run_stage(name, current, cfg, out[name])
         current = str(out[name])
     return out
+
+
+@pytest.fixture(scope="session")
+def mod_artifact(model_dirs, tmp_path_factory):
+    """A tiny LLaMA with Mixture-of-Depths routers on block 1 (capacity 0.5, MLP predictor),
+    briefly trained: the artifact's path."""
+    from d2d.configs import ModConfig
+    from d2d.stages import run_stage
+
+    out = tmp_path_factory.mktemp("mod") / "mod"
+    cfg = ModConfig(
+        capacity=0.5, layers="1", steps=4, batch_size=4, seq_len=32, eval_tokens=128, bf16=False
+    )
+    run_stage("mod", model_dirs["gated"], cfg, out)
+    return out

@@ -13,9 +13,9 @@ from d2d.errors import D2DError
 from d2d.mod import mod_blocks
 
 runner = CliRunner()
-FAST = ["--steps", "150", "--batch-size", "8", "--seq-len", "32", "--eval-tokens", "512"]
+FAST = ["--steps", "300", "--batch-size", "8", "--seq-len", "32", "--eval-tokens", "512"]
 FAST += ["--lr", "5e-3", "--no-bf16", "--capacity", "0.25", "--anneal", "0.25"]
-FAST += ["--aux-weight", "5"]
+FAST += ["--aux-weight", "5", "--router-lr", "1e-2"]
 
 
 def test_capacity_anneals_from_one():

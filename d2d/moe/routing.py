@@ -7,6 +7,9 @@
     {"rule": "threshold", "thresholds": {"0": 0.13, ...}}        per-layer absolute threshold
     {"rule": "all"}                                              every expert (== dense)
 
+A policy may also say how Mixture-of-Depths blocks route: "depth": "topk", "causal" or "dense"
+(the rule "all" implies "dense"; otherwise the blocks keep their mode).
+
 Dynamic-k (D2DMoE): a token runs expert i iff its predicted norm >= tau x the largest predicted
 norm for that token. tau = 0 runs every expert; tau = 1 runs only the top one. (The reference
 implementation writes the threshold as 1 - tau; d2d uses tau directly.)
@@ -40,6 +43,10 @@ def validate(policy: dict) -> dict:
     for t in (policy.get("thresholds") or {}).values():
         if not isinstance(t, (int, float)) or t < 0:
             raise D2DError(f"thresholds must be numbers >= 0, got {t!r}")
+    from d2d.mod import MODES
+
+    if policy.get("depth") not in (None, *MODES):
+        raise D2DError(f"depth routing must be one of {', '.join(MODES)}, got {policy['depth']!r}")
     return policy
 
 
@@ -98,13 +105,17 @@ def apply_routing(model: nn.Module, policy: dict) -> None:
 @contextmanager
 def routing(model: nn.Module, policy: dict):
     """Temporarily route with `policy`; restores the previous settings afterwards."""
+    from d2d.mod import depth
+
     moes = _moes(model)
     saved = {
         i: (m.rule, m.scores, m.tau, m.k, m.threshold, m.dense_positions) for i, m in moes.items()
     }
+    mode = policy.get("depth", "dense" if policy.get("rule") == "all" else None)
     try:
         apply_routing(model, policy)
-        yield
+        with depth(model, mode):
+            yield
     finally:
         for i, m in moes.items():
             m.rule, m.scores, m.tau, m.k, m.threshold, m.dense_positions = saved[i]
