@@ -283,7 +283,17 @@ def print_inspect(d: dict) -> None:
             f"{moe['expert_size']} neurons ({w['experts_parameters'] / 1e6:.2f}M parameters); "
             f"routers: {routers} ({w['routers_parameters'] / 1e6:.3f}M parameters)"
         )
+    mod = d.get("mod")
+    if mod:
+        pred = "MLP predictor" if mod["predictor"] == "mlp" else "the router's sign"
+        console.print(
+            f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
+            f"at capacity {mod['capacity']:g} (top-k), sink {mod.get('sink') or 0}; generation "
+            f"decides causally ({pred})"
+        )
     pol = d.get("routing")
+    if mod and not pol and not d.get("moe"):
+        return
     console.print(
         f"  routing: {_policy(pol)}, dense positions {pol.get('dense_positions', 0)}"
         if pol

@@ -154,6 +154,10 @@ def describe(path: str | Path) -> dict:
                 "mean_r2": (routers.get("metrics") or {}).get("mean_r2"),
             },
         }
+    mod = last_stage(meta, "mod")
+    if mod is not None:
+        st = mod.get("structure") or {}
+        out["mod"] = {k: st.get(k) for k in ("layers", "capacity", "sink", "predictor", "hidden")}
     out["routing"] = meta.get("routing")
     cal = meta.get("calibration")
     if cal:

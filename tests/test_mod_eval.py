@@ -195,3 +195,10 @@ def test_report_draws_the_routing_map(mod_artifact, tmp_path):
     assert rmap["maps"]["causal"]["1"][0] == 1
     page = (tmp_path / "r" / "index.html").read_text()
     assert "Mixture-of-Depths routing map" in page and "MoD capacity" in page
+
+
+def test_inspect_describes_mod(mod_artifact):
+    res = runner.invoke(app, ["inspect", str(mod_artifact)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "Mixture-of-Depths: blocks 1 routed at capacity 0.5" in res.output
+    assert "MLP predictor" in res.output and "run d2d calibrate" not in res.output
