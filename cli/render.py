@@ -167,9 +167,11 @@ def print_record(stage: str, rec: dict, out) -> None:
             f"{100 * m['drop']:+.2f}%)"
         )
     elif stage == "eval":
-        t = Table(
-            title=f"held-out evaluation ({m['tokens']} tokens), routing: {_policy(m['policy'])}"
-        )
+        routing = [] if m.get("mod") and m["policy"].get("rule") == "all" else [m["policy"]]
+        routing = [f"routing: {_policy(p)}" for p in routing]
+        if m.get("mod"):
+            routing.append(f"MoD capacity {m['mod']['capacity']:g}")
+        t = Table(title=f"held-out evaluation ({m['tokens']} tokens), {', '.join(routing)}")
         depth = any("depth" in r for r in m["rows"])
         cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs", "model FLOPs"]
         cols += ["blocks run", "causal accuracy"] if depth else []

@@ -97,7 +97,8 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
         art.model, art.tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.tokens, cfg.seed, cfg.bf16
     )
     runs = [("dense", {"rule": "all"}, "dense model")]
-    if mod_blocks(art.model):  # routed blocks: the top-k choice and the causal decision
+    blocks = mod_blocks(art.model)
+    if blocks:  # routed blocks: the top-k choice and the causal decision
         runs += [
             ("d2d top-k", {**policy, "depth": "topk"}, "top-k routing"),
             ("d2d causal", {**policy, "depth": "causal"}, "causal routing"),
@@ -122,7 +123,10 @@ def _eval(art: Artifact, cfg: EvalConfig, progress: Progress):
                 **({"depth": m.depth} if m.depth else {}),
             }
         )
-    return {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}, {}
+    out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
+    if blocks:
+        out["mod"] = {"layers": sorted(blocks), "capacity": next(iter(blocks.values())).capacity}
+    return out, {}
 
 
 def _mod(art: Artifact, cfg: ModConfig, progress: Progress, out=None):

@@ -202,3 +202,23 @@ def test_inspect_describes_mod(mod_artifact):
     assert res.exit_code == 0, res.output
     assert "Mixture-of-Depths: blocks 1 routed at capacity 0.5" in res.output
     assert "MLP predictor" in res.output and "run d2d calibrate" not in res.output
+
+
+def test_staged_artifact_records_and_replays_both(mod_artifact, tmp_path):
+    """d2d mod, then d2d convert: the lineage holds both, d2d.load rebuilds both, and with
+    every expert run the converted artifact computes what the MoD artifact does."""
+    import d2d
+    from d2d.configs import ConvertConfig
+    from d2d.moe.convert import moe_layers
+    from d2d.stages import run_stage
+
+    out = tmp_path / "staged"
+    run_stage("convert", str(mod_artifact), ConvertConfig(n_experts=8), out)
+    meta = json.loads((out / "d2d.json").read_text())
+    assert [s["stage"] for s in meta["stages"]] == ["mod", "convert"]
+    staged, mod_only = d2d.load(out), d2d.load(mod_artifact)
+    assert sorted(mod_blocks(staged)) == [1] and sorted(moe_layers(staged)) == [0, 1]
+    ids = torch.randint(1, 96, (2, 12))
+    with routing(staged, {"rule": "all", "depth": "causal"}):
+        got = logits(staged, input_ids=ids)
+    torch.testing.assert_close(got, logits(mod_only, input_ids=ids), rtol=1e-4, atol=1e-5)

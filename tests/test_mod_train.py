@@ -26,7 +26,10 @@ def test_capacity_anneals_from_one():
     assert ModConfig(capacity=0.5, anneal=0.0, steps=10).capacity_at(0) == 0.5
 
 
-@pytest.mark.parametrize("bad", [{"capacity": 0}, {"capacity": 1.5}, {"predictor": "x"}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"capacity": 0}, {"capacity": 1.5}, {"predictor": "x"}, {"router_lr": 0}, {"sink": -1}],
+)
 def test_bad_options(bad):
     with pytest.raises(D2DError):
         ModConfig(**bad)
