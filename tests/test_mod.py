@@ -28,7 +28,8 @@ def logits(m, **kw):
 def randomise_routers(m, seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     for blk in mod_blocks(m).values():
-        blk.router.weight.data = torch.randn(blk.router.weight.shape, generator=g) * scale
+        w = torch.randn(blk.router.weight.shape, generator=g) * scale
+        blk.router.weight.data = w.to(blk.router.weight.device)
         blk.router.bias.data.zero_()
 
 
@@ -152,3 +153,25 @@ def test_staged_mode_combines_with_moe(order):
         torch.testing.assert_close(logits(m, input_ids=ids), logits(ref, input_ids=ids))
     with routing(m, {"rule": "tau", "tau": 0.5}):  # and it routes inside routed blocks
         assert not torch.allclose(logits(m, input_ids=ids), logits(ref, input_ids=ids))
+
+
+@pytest.mark.gpu
+def test_mod_on_cuda_matches_dense_and_decodes_like_prefill():
+    dense = llama().cuda()
+    m = llama().cuda()
+    insert_mod(m, [1, 3], capacity=1.0)
+    ids = torch.randint(1, 96, (2, 12), device="cuda")
+    torch.testing.assert_close(logits(m, input_ids=ids), logits(dense, input_ids=ids))
+    m = llama(seed=1).cuda()
+    insert_mod(m, [1, 3], capacity=0.5, sink=1)
+    randomise_routers(m, seed=3)
+    set_mode(m, "causal")
+    full = logits(m, input_ids=ids)
+    with torch.no_grad():
+        out = m(input_ids=ids[:, :5], use_cache=True)
+        steps, cache = [out.logits], out["cache"]
+        for j in range(5, 12):
+            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
+            cache = out["cache"]
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,115 @@
+"""Mixture-of-Depths on a GPU: prefill and decode time of a SmolLM2-135M-shaped decoder (random
+weights: only shapes matter for time) with every other block routed, against the same model
+with every block on every token, in one run. Top-k prefill runs exactly the capacity's share;
+for decoding, each router is set so that about that share of tokens pass its causal decision
+(the measured share is printed).
+
+    python scripts/bench_mod_gpu.py [--capacities 0.5,0.25,0.125] [--dtype bfloat16]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from d2d.mod import insert_mod, mod_stats, set_mode, summarise
+
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def decode(model, prompt, n):
+    out = model(input_ids=prompt, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    for _ in range(n):
+        out = model(input_ids=tok, use_cache=True, cache=out["cache"])
+        tok = out.logits[:, -1:].argmax(-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--capacities", default="0.5,0.25,0.125")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill", default="8x1024")
+    ap.add_argument("--decode-batch", default="1,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(args.device, dtype).eval()
+    n = model.config.num_hidden_layers
+    blocks = insert_mod(model, list(range(1, n, 2)), 1.0, sink=1)
+    pb, pl = (int(v) for v in args.prefill.split("x"))
+    ids = torch.randint(0, 49152, (pb, pl), device=args.device)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"{name}, torch {torch.__version__}, {args.dtype}")
+    print("| measure | capacity | blocks run | every block | routed | speed-up |")
+    print("|---|---|---|---|---|---|")
+    with torch.no_grad():
+        set_mode(model, "dense")
+        t_dense = timed(lambda: model(input_ids=ids, logits_to_keep=1), args.reps)
+        dec_dense = {}
+        for b in [int(v) for v in args.decode_batch.split(",")]:
+            p = ids[:1, :32].expand(b, -1).contiguous()
+            dec_dense[b] = timed(lambda p=p: decode(model, p, args.new_tokens), args.reps, 1)
+        for cap in [float(c) for c in args.capacities.split(",")]:
+            g = torch.Generator(device=args.device).manual_seed(1)
+            q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(cap)).item()
+            for blk in blocks.values():
+                d = blk.router.in_features
+                w = torch.randn(1, d, generator=g, device=args.device) / d**0.5
+                blk.router.weight.copy_(w.to(dtype))
+                blk.router.bias.fill_(q)  # P(w . x/rms(x) + q > 0) ~ cap
+            set_mode(model, "topk", cap)
+            with mod_stats(model) as st:
+                model(input_ids=ids, logits_to_keep=1)
+            frac = summarise(st, n)["block_fraction"]
+            t = timed(lambda: model(input_ids=ids, logits_to_keep=1), args.reps)
+            print(f"| prefill {pb}x{pl}, top-k | {cap:g} | {frac:.1%} | {1e3 * t_dense:.1f} ms "
+                  f"| {1e3 * t:.1f} ms | {t_dense / t:.2f}x |")  # fmt: skip
+            set_mode(model, "causal")
+            for b, td in dec_dense.items():
+                p = ids[:1, :32].expand(b, -1).contiguous()
+                with mod_stats(model) as st:
+                    decode(model, p, args.new_tokens)
+                frac = summarise(st, n)["block_fraction"]
+                t = timed(lambda p=p: decode(model, p, args.new_tokens), args.reps, 1)
+                tok = b * args.new_tokens
+                print(f"| decode batch {b}, causal | {cap:g} | {frac:.1%} | {tok / td:.0f} tok/s "
+                      f"| {tok / t:.0f} tok/s | {td / t:.2f}x |")  # fmt: skip
+            set_mode(model, "dense")
+
+
+if __name__ == "__main__":
+    main()
