@@ -193,6 +193,12 @@ class MoDBlock(nn.Module):
         upd = (g * (ys - xs)) * valid[:, :, None].to(x.dtype)
         return x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd)
 
+    @property
+    def _sdpa(self) -> bool:
+        """The block's attention is PyTorch SDPA, which is causal by itself without a mask."""
+        cfg = getattr(self.block.self_attn, "config", None)
+        return getattr(cfg, "_attn_implementation", None) == "sdpa"
+
     def _cache_whole(self, cache, t: int) -> bool:
         """True when this block's cached keys are all real entries (no placeholder) and every
         earlier token wrote one, so the model's own causal mask is right for it."""
@@ -225,6 +231,9 @@ class MoDBlock(nn.Module):
             return None
         keys_valid = valid if past_valid is None else torch.cat([past_valid, valid], 1)
         p = keys_valid.shape[1] - k
+        if (p == 0 or k == 1) and self._sdpa and bool(keys_valid.all()):
+            # plain causal attention over every key: no mask lets SDPA take its causal kernels
+            return None
         causal = torch.ones(k, k, dtype=torch.bool, device=valid.device).tril()
         allowed = (
             torch.cat([torch.ones(k, p, dtype=torch.bool, device=valid.device), causal], dim=1)[

@@ -175,3 +175,18 @@ def test_mod_on_cuda_matches_dense_and_decodes_like_prefill():
             cache = out["cache"]
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_unmasked_sdpa_path_equals_explicit_mask():
+    """Where every key is real and nothing is cached, routed attention under SDPA runs without a
+    mask (its causal kernel); eager attention gets the explicit mask: the same result."""
+    models = []
+    for impl in ("sdpa", "eager"):
+        m = llama(seed=6)
+        m.set_attn_implementation(impl)
+        insert_mod(m, [1, 3], capacity=0.5, sink=1)
+        randomise_routers(m, seed=2)
+        models.append(m)
+    ids = torch.randint(1, 96, (2, 11))
+    torch.testing.assert_close(logits(models[0], input_ids=ids), logits(models[1], input_ids=ids))
+    assert mod_blocks(models[0])[1]._sdpa and not mod_blocks(models[1])[1]._sdpa
