@@ -2,7 +2,7 @@
 # The Mixture-of-Depths proof (docs/results.md): recipes/smollm2-mod.yaml at capacities 0.5,
 # 0.25 and 0.125, and its baseline, the same fine-tune without routers (d2d sparsify with no
 # penalty: same steps, batch, sequence length, learning rate, data and seed), each evaluated on
-# the same held-out tokens. About 75 minutes on 2 CPU cores. Usage: scripts/mod_curve.sh [OUT]
+# the same held-out tokens. About an hour on 2 CPU cores. Usage: scripts/mod_curve.sh [OUT]
 set -euo pipefail
 out=${1:-runs/mod-curve}
 mkdir -p "$out"
