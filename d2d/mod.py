@@ -128,7 +128,7 @@ class MoDBlock(nn.Module):
         x = hidden_states
         b, t, _ = x.shape
         # the router reads the RMS-normalised stream: its logits do not grow with the stream's
-        # scale, which varies by orders of magnitude across a pretrained model's depth
+        # scale (in SmolLM2-135M the RMS grows about 15-fold from block 1 to block 29)
         xn = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
         r = self.router(xn).squeeze(-1)  # [B, T]
         tm = self.context.token_mask  # this forward's real tokens (set by a model pre-hook)
