@@ -91,7 +91,7 @@ def evaluator_for(art, cfg: ModConfig):
 
 def mod(art, cfg: ModConfig, progress: Progress = null_progress, out=None):
     """Insert routers into art.model and fine-tune. Returns (metrics, structure)."""
-    from d2d.train import remove_checkpoints, train
+    from d2d.train import train_stage
 
     model = art.model
     if task_of(model) != "causal-lm":
@@ -113,12 +113,8 @@ def mod(art, cfg: ModConfig, progress: Progress = null_progress, out=None):
             b.add_predictor(hidden)
     corpus = load_corpus(cfg.data)
     ids = lm_windows(art.tokenizer, corpus.split("train", cfg.seed), cfg.seq_len, None)
-    loop = cfg.loop(out)
-    fingerprint = {k: v for k, v in vars(cfg).items() if k != "resume"}
-    fingerprint["source"] = art.meta["base"]["source"]
     task = ModTask(model, ids, cfg, evaluate)
-    result = train(model, task, loop, progress, fingerprint, label="mod")
-    remove_checkpoints(loop.checkpoint_dir)
+    result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
     set_mode(model, "causal", cfg.capacity)
     structure = {
         "layers": layers,

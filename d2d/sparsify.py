@@ -280,7 +280,7 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
     """Fine-tune art.model (replaced when a head is added). Returns (metrics, structure)."""
     from d2d.evaluate import Evaluator
     from d2d.moe.convert import moe_layers
-    from d2d.train import remove_checkpoints, train
+    from d2d.train import train_stage
 
     if moe_layers(art.model):
         raise D2DError("sparsify runs on a dense model: sparsify first, then d2d convert")
@@ -322,12 +322,8 @@ def sparsify(art, cfg: SparsifyConfig, progress: Progress = null_progress, out=N
     before = evaluate(model) if main else None
     if main:
         progress("held-out before", 1, 1, quality=before["quality"])
-    loop = cfg.loop(out)
-    fingerprint = {k: v for k, v in vars(cfg).items() if k != "resume"}
-    fingerprint["source"] = art.meta["base"]["source"]
     st = SparsifyTask(task, inputs, cfg, evaluate)
-    result = train(model, st, loop, progress, fingerprint, label="sparsify")
-    remove_checkpoints(loop.checkpoint_dir)
+    result = train_stage(model, st, cfg, art.meta["base"]["source"], out, progress, "sparsify")
     if not main:
         return {"task": task, "history": _thin(result.history, 200)}, structure
     after = result.evals[-1]

@@ -274,6 +274,18 @@ def _evaluate(acc, task: Task, wrapped, step: int, result: TrainResult) -> None:
     acc.wait_for_everyone()
 
 
+def train_stage(model, task, cfg, source: str, out, progress: Progress, label: str):
+    """A training stage's run of the loop: its config (TrainFields) gives the loop's settings
+    and, with the base model's `source`, the run's fingerprint for --resume; the checkpoints
+    go once the run is complete. Returns the TrainResult."""
+    loop = cfg.loop(out)
+    fingerprint = {k: v for k, v in vars(cfg).items() if k != "resume"}
+    fingerprint["source"] = source
+    result = train(model, task, loop, progress, fingerprint, label=label)
+    remove_checkpoints(loop.checkpoint_dir)
+    return result
+
+
 def remove_checkpoints(folder: str | Path | None) -> None:
     if folder and Path(folder).is_dir() and is_main_process():
         shutil.rmtree(folder, ignore_errors=True)
