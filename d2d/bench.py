@@ -33,7 +33,7 @@ from d2d.configs import BenchConfig, parse_int_list, parse_taus
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
 from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
-from d2d.mod import mod_blocks, mod_stats, summarise
+from d2d.mod import mod_blocks, mod_stats, processed
 from d2d.models import task_of
 from d2d.moe.convert import moe_layers
 from d2d.moe.routing import collecting, describe, global_tau, routing
@@ -195,9 +195,7 @@ def _ffn_and_model_fraction(
     """FFN and whole-model FLOPs fractions per token (head=False: a prefill that computes the
     LM head for the last position only)."""
     dense = dense_flops(model, seq_len, causal)
-    n_layers = len(dense_ffn_macs(model))
-    processed = summarise(dstats, n_layers)["processed"] if dstats else {}
-    conv = converted_flops(model, seq_len, causal, stats, {int(i): f for i, f in processed.items()})
+    conv = converted_flops(model, seq_len, causal, stats, processed(dstats))
     cut = 0.0 if head else dense.head
     return conv.ffn / dense.ffn, (conv.total - cut) / (dense.total - cut)
 

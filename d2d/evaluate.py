@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
 from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
-from d2d.mod import mod_stats, summarise
+from d2d.mod import mod_stats, processed, summarise
 from d2d.models import task_of
 from d2d.moe.routing import collecting, routing
 from d2d.progress import Progress, null_progress
@@ -158,8 +158,7 @@ class Evaluator:
         causal = self.task == "causal-lm"
         dense = dense_flops(model, self.seq_len, causal)
         blocks = summarise(dstats, len(dense_ffn_macs(model))) if dstats else {}
-        processed = {int(i): f for i, f in blocks.get("processed", {}).items() if f is not None}
-        conv = converted_flops(model, self.seq_len, causal, stats, processed)
+        conv = converted_flops(model, self.seq_len, causal, stats, processed(dstats))
         moes = moe_layers(model)
         return Measurement(
             quality=float("nan"),

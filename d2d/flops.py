@@ -63,12 +63,16 @@ def _attention_macs(model: nn.Module, seq_len: int, causal: bool) -> tuple[float
     return d * heads * hd * 2 + 2 * d * kv * hd, 2 * heads * hd * ctx
 
 
+def _head_macs(model: nn.Module, causal: bool) -> int:
+    """The LM head's MACs per token (decoders only)."""
+    return _cfg(model, "hidden_size", "n_embd") * _cfg(model, "vocab_size") if causal else 0
+
+
 def dense_flops(model: nn.Module, seq_len: int, causal: bool) -> FlopsBreakdown:
-    n_layers = len(dense_ffn_macs(model))
+    ffn = dense_ffn_macs(model)
     proj, scores = _attention_macs(model, seq_len, causal)
-    head = _cfg(model, "hidden_size", "n_embd") * _cfg(model, "vocab_size") if causal else 0
     return FlopsBreakdown(
-        2.0 * n_layers * (proj + scores), 2.0 * sum(dense_ffn_macs(model)), 2.0 * head
+        2.0 * len(ffn) * (proj + scores), 2.0 * sum(ffn), 2.0 * _head_macs(model, causal)
     )
 
 
@@ -90,8 +94,9 @@ def converted_flops(
     proj, scores = _attention_macs(model, seq_len, causal)
     attn = ffn = routers = 0.0
     for i, macs in enumerate(dense_ffn_macs(model)):
-        f = processed.get(i, 1.0) if i in blocks else 1.0
+        f = 1.0  # the share of tokens the block processes
         if i in blocks:
+            f = processed.get(i, 1.0)
             routers += blocks[i].router_macs()
         attn += f * proj + f * f * scores
         m = moes.get(i)
@@ -100,8 +105,7 @@ def converted_flops(
             continue
         frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
         ffn += f * (frac * macs + m.router_macs())
-    dense = dense_flops(model, seq_len, causal)
-    return FlopsBreakdown(2.0 * attn, 2.0 * ffn, dense.head, 2.0 * routers)
+    return FlopsBreakdown(2.0 * attn, 2.0 * ffn, 2.0 * _head_macs(model, causal), 2.0 * routers)
 
 
 def converted_ffn_flops(model: nn.Module, stats: dict[int, LayerStats]) -> float:

@@ -152,16 +152,8 @@ class MoDBlock(nn.Module):
             # every token (dense mode, capacity 1.0, or a decode step the block takes): the
             # block as it is, with the model's own mask; only the update is scaled
             self._mask(cache, choice, x.dtype, build=False)
-            ys = self.block(
-                x,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-            ys = ys[0] if isinstance(ys, tuple) else ys
+            kw = {**kwargs, "use_cache": use_cache}
+            ys = self._block(x, attention_mask, position_ids, position_embeddings, cache, kw)
             return x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * (ys - x)
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
@@ -179,19 +171,17 @@ class MoDBlock(nn.Module):
         sin = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
         pos = None if position_ids is None else position_ids.expand(b, -1).gather(1, idx)
         mask = self._mask(cache, valid, x.dtype)
-        ys = self.block(
-            xs,
-            attention_mask=mask,
-            position_ids=pos,
-            cache=cache,
-            use_cache=use_cache,
-            position_embeddings=(cos, sin),
-            **kwargs,
-        )
-        ys = ys[0] if isinstance(ys, tuple) else ys
+        ys = self._block(xs, mask, pos, (cos, sin), cache, {**kwargs, "use_cache": use_cache})
         g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None]
         upd = (g * (ys - xs)) * valid[:, :, None].to(x.dtype)
         return x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd)
+
+    def _block(self, h, mask, pos, pe, cache, kwargs: dict) -> torch.Tensor:
+        """The wrapped block on hidden states h (its own residual included)."""
+        ys = self.block(
+            h, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=pe, **kwargs
+        )
+        return ys[0] if isinstance(ys, tuple) else ys
 
     @property
     def _sdpa(self) -> bool:
@@ -339,6 +329,11 @@ def mod_stats(model: nn.Module):
             h.remove()
 
 
+def processed(stats: dict) -> dict[int, float]:
+    """Per routed block: the share of real tokens it processed (from mod_stats counts)."""
+    return {i: s["chosen"] / max(s["real"], 1) for i, s in stats.items()}
+
+
 def summarise(stats: dict, n_layers: int) -> dict:
     """Processed fractions (per routed block, of the routed blocks, of all blocks) and the
     causal decision's agreement with top-k (None unless measured under top-k)."""
@@ -348,7 +343,7 @@ def summarise(stats: dict, n_layers: int) -> dict:
     k = len(stats)
     agree = [s["agree"] for s in stats.values()]
     return {
-        "processed": {str(i): s["chosen"] / max(s["real"], 1) for i, s in stats.items()},
+        "processed": {str(i): f for i, f in processed(stats).items()},
         "routed_block_fraction": routed,
         "block_fraction": (n_layers - k + k * routed) / n_layers,
         "predictor_accuracy": sum(agree) / real if real and None not in agree else None,
