@@ -121,6 +121,8 @@ def _stage_command(name: str):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         decls = [flag] if hints[f.name] is not bool else [f"{flag}/--no-{flag[2:]}"]
+        if "flag" in f.metadata:  # a primary spelling; the field's own name stays an alias
+            decls.insert(0, "--" + f.metadata["flag"])
         params.append(
             opt(
                 f.name,
@@ -142,7 +144,7 @@ def _stage_command(name: str):
     params.append(opt("debug", bool, typer.Option(False, "--debug", help="Show tracebacks.")))
 
     def command(**kw):
-        from d2d.artifact import write_json_atomic
+        from d2d.io import write_json_atomic
         from d2d.stages import make_config, run_stage
 
         debug = kw.pop("debug")
@@ -222,11 +224,11 @@ def inspect_cmd(
     """What an artifact is: base model, stages, experts, routers, routing, calibration, size."""
     from d2d_cli.render import print_inspect
 
-    from d2d.artifact import write_json_atomic
-    from d2d.inspect import describe
+    from d2d.inspect import describe_folder
+    from d2d.io import write_json_atomic
 
     with handled(debug):
-        d = describe(artifact)
+        d = describe_folder(artifact)
         if json_out is not None:
             write_json_atomic(json_out, d)
         print_inspect(d)
@@ -239,8 +241,12 @@ def report_cmd(
         None, "--out", "-o", help="Report folder (default: ARTIFACT-report beside it)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
-    tau: Optional[float] = typer.Option(  # noqa: UP045
-        None, "--tau", help="Show expert usage at this global tau instead of the chosen routing."
+    tau: Optional[str] = typer.Option(  # noqa: UP045
+        None,
+        "--tau",
+        "--taus",
+        help="Show expert usage at this global tau (or at each of a comma list) instead of "
+        "the chosen routing (--taus: the same).",
     ),
     data: Optional[str] = typer.Option(  # noqa: UP045
         None, "--data", help="Data to measure expert usage on (default: calibrate's)."

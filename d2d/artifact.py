@@ -1,18 +1,14 @@
 """Artifacts: an HF model folder plus d2d.json (format, versions, lineage, routing).
 
-Structure is replayed from d2d.json (no data needed), then weights load strictly from
-model.safetensors. Nothing is unpickled. Writes go to a temporary folder beside the target,
-renamed into place only when complete.
+Structure is replayed from d2d.json (no data needed; each stage's replay comes from the stage
+registry, which passes it in), then weights load strictly from model.safetensors. Nothing is
+unpickled. Writes go through d2d.io's atomic folder: complete or absent.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +19,10 @@ from torch import nn
 
 from d2d import __version__
 from d2d.errors import D2DError, StageOrderError
+from d2d.io import atomic_dir, json_default
+from d2d.lineage import last_stage
+from d2d.models import auto_class, check_folder, task_of
+from d2d.nn.routing import apply_routing
 
 # 2: MoE down projections (w_out) stored [f, d]; format 1 stored them [d, f] (read by transposing)
 FORMAT_VERSION = 2
@@ -59,19 +59,12 @@ class Artifact:
         return s.get("structure", {}) if s else {}
 
 
-def last_stage(meta: dict, name: str) -> dict | None:
-    """The latest record of stage `name` in a lineage, or None."""
-    return next((s for s in reversed(meta.get("stages", [])) if s["stage"] == name), None)
-
-
 def is_artifact(path: str | Path) -> bool:
     return (Path(path) / META).is_file()
 
 
 def new_meta(source: str, model: nn.Module) -> dict:
     import transformers
-
-    from d2d.models import task_of
 
     return {
         "format_version": FORMAT_VERSION,
@@ -121,48 +114,6 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces `out`, on any failure it vanishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise D2DError(
-            f"cannot write {out}: {blocker} is a file, not a folder; choose another --out"
-        )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the artifact is an ordinary folder
-    except OSError as e:
-        raise D2DError(f"cannot write to {out.parent} ({e.strerror}): use a writable --out") from e
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{int(time.time() * 1000)}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, D2DError):
-            raise D2DError(
-                f"could not write {out} ({e.strerror or e}): check the disk and "
-                "permissions, then re-run"
-            ) from e
-        raise
-
-
 def save(art: Artifact, out: str | Path, overwrite: bool = False) -> Path:
     """Write the artifact atomically. The input folder is never touched."""
     out = Path(out)
@@ -173,7 +124,7 @@ def save(art: Artifact, out: str | Path, overwrite: bool = False) -> Path:
         save_model(art.model, str(tmp / WEIGHTS), metadata={LINEAGE_KEY: _structure_key(art.meta)})
         if art.tokenizer is not None:
             art.tokenizer.save_pretrained(tmp)
-        (tmp / META).write_text(json.dumps(art.meta, indent=2, default=_json_default) + "\n")
+        (tmp / META).write_text(json.dumps(art.meta, indent=2, default=json_default) + "\n")
     return out
 
 
@@ -204,67 +155,14 @@ def _check_structure(path: Path, meta: dict) -> None:
         )
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a file through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as e:
-        raise D2DError(f"cannot write {path} ({e.strerror}): choose a writable path") from e
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; this is an ordinary file
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise D2DError(f"could not write {path} ({e.strerror or e}): check the disk") from e
-        raise
-    return path
+# replays a lineage's structural changes on a freshly built model (d2d.stages.replay)
+Replay = Callable[[nn.Module, dict], None]
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def replay(model: nn.Module, meta: dict) -> None:
-    """Rebuild the structural changes recorded in the lineage (no weights, no data)."""
-    from d2d.mod import insert_mod, set_mode
-    from d2d.moe.convert import build_structure, moe_layers
-    from d2d.moe.routers import attach_routers
-    from d2d.sparsify import relufy
-
-    for s in meta["stages"]:
-        st = s.get("structure") or {}
-        if s["stage"] == "sparsify" and st.get("relu"):
-            relufy(model)
-        elif s["stage"] == "convert":
-            build_structure(model, st["layers"], st["n_experts"])
-        elif s["stage"] == "train-routers":
-            attach_routers(moe_layers(model), st["hidden"])
-        elif s["stage"] == "mod":
-            blocks = insert_mod(model, st["layers"], st["capacity"], st.get("sink", 0))
-            if st.get("predictor") == "mlp":
-                for b in blocks.values():
-                    b.add_predictor(st["hidden"])
-            set_mode(model, "causal")  # generation needs the causal decision
-
-
-def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact:
-    """Load an artifact folder written by d2d: structure from d2d.json, weights strictly."""
+def read_artifact(path: str | Path, replay: Replay, trust_remote_code: bool = False) -> Artifact:
+    """Load an artifact folder written by d2d: structure from d2d.json (`replay`), weights
+    strictly. `d2d.load_artifact` calls this with the stage registry's replay."""
     from transformers import AutoConfig, AutoTokenizer
-
-    from d2d.models import auto_class, check_folder
 
     path = Path(path)
     if not path.exists():
@@ -301,8 +199,6 @@ def load_artifact(path: str | Path, trust_remote_code: bool = False) -> Artifact
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     art = Artifact(model, tok, meta, path)
-    from d2d.moe.routing import apply_routing
-
     if meta.get("routing"):
         try:
             apply_routing(model, meta["routing"])
@@ -328,8 +224,3 @@ def _untied_missing(model: nn.Module, missing: list[str]) -> list[str]:
     sd = model.state_dict(keep_vars=True)
     loaded = {id(v) for k, v in sd.items() if k not in set(missing)}
     return [k for k in missing if id(sd[k]) not in loaded]
-
-
-def load(path: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    """The model of an artifact, ready to run at its chosen routing (if calibrated)."""
-    return load_artifact(path, trust_remote_code).model

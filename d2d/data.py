@@ -4,12 +4,20 @@
 (bbc-news: 2,225 BBC articles in 5 classes; shakespeare: 38 plays). Documents are split into
 train / calibration / held-out sets by a seeded permutation, so the splits are disjoint and
 reproducible.
+
+What a document is in a text file (`doc_split`): "file" (the whole file), "line" (one text a
+line, as `datasets`' text loader reads by default), "paragraph" (blank-line separated blocks),
+or "auto": a folder of several files keeps one document a file; a single file is cut into
+paragraphs when it is written in paragraphs (blank lines between blocks of a few lines: a
+book), else into lines (one text a line: tweets, sentences).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,8 @@ TEXT_SUFFIXES = {".txt", ".md", ".text"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_COLUMNS = ("text", "content", "sentence", "document", "article")
 SPLITS = ("train", "calib", "heldout")
+DOC_SPLITS = ("auto", "line", "paragraph", "file")
+_BLANK = re.compile(r"\n[ \t]*\n")
 
 
 @dataclass
@@ -79,9 +89,39 @@ def _load_files(files: list[Path], encoding: str):
     return list(ds["text"])
 
 
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in _BLANK.split(text) if p.strip()]
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def written_in_paragraphs(text: str) -> bool:
+    """Blank-line separated blocks of a few lines each (a book), not one text a line."""
+    paras = _paragraphs(text)
+    if len(paras) < 2:
+        return False
+    return 2 <= statistics.median(len(_lines(p)) for p in paras) <= 50
+
+
+def split_documents(texts: list[str], how: str, n_files: int) -> list[list[str]]:
+    """The documents of each file's text under `how` (see the module doc)."""
+    if how not in DOC_SPLITS:
+        raise D2DError(f"doc-split must be one of {', '.join(DOC_SPLITS)}, got {how!r}")
+    if how == "auto":
+        if n_files > 1:
+            how = "file"
+        else:
+            how = "paragraph" if written_in_paragraphs(texts[0]) else "line"
+    cut = {"file": lambda t: [t], "line": _lines, "paragraph": _paragraphs}[how]
+    return [cut(t) for t in texts]
+
+
 @functools.lru_cache(maxsize=4)
-def load_corpus(spec: str) -> Corpus:
-    """Read documents (and labels, when the data has them)."""
+def load_corpus(spec: str, doc_split: str = "auto") -> Corpus:
+    """Read documents (and labels, when the data has them); `doc_split` says what a document
+    of a text file is."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -100,7 +140,7 @@ def load_corpus(spec: str) -> Corpus:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         tables = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TABLE_SUFFIXES)
         if files:
-            return _text_files(path, files, encoding, spec)
+            return _text_files(path, files, encoding, spec, doc_split)
         if tables:
             return _table(tables, spec)
         raise D2DError(
@@ -110,21 +150,26 @@ def load_corpus(spec: str) -> Corpus:
     if path.suffix in TABLE_SUFFIXES:
         return _table([path], spec)
     if path.suffix in TEXT_SUFFIXES or path.suffix == "":
-        return _text_files(path.parent, [path], encoding, spec)
+        return _text_files(path.parent, [path], encoding, spec, doc_split)
     raise D2DError(f"unsupported data file {path.name}: use text, json, jsonl, csv or parquet")
 
 
-def _text_files(root: Path, files: list[Path], encoding: str, spec: str) -> Corpus:
+def _text_files(root: Path, files: list[Path], encoding: str, spec: str, doc_split: str) -> Corpus:
     try:
         texts = _load_files(files, encoding)
     except UnicodeDecodeError:
         texts = _load_files(files, "latin-1")
     # one sub-folder level under the root names the class (bbcnews/data/<class>/*.txt)
     parents = [f.parent for f in files]
-    label_names = labels = None
+    label_names = file_labels = None
     if all(p.parent == root for p in parents) and len(set(parents)) > 1:
         label_names = sorted({p.name for p in parents})
-        labels = [label_names.index(p.name) for p in parents]
+        file_labels = [label_names.index(p.name) for p in parents]
+    docs = split_documents(texts, doc_split, len(files))
+    texts = [d for ds in docs for d in ds]
+    labels = None
+    if file_labels is not None:  # a file's documents carry its label
+        labels = [lab for lab, ds in zip(file_labels, docs, strict=True) for _ in ds]
     texts, labels = _dedupe(texts, labels)
     return _checked(Corpus(texts, labels, label_names, spec))
 

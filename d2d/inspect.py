@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from d2d.artifact import WEIGHTS, is_artifact, last_stage, read_meta
+from d2d.artifact import WEIGHTS, is_artifact, read_meta
 from d2d.errors import D2DError
+from d2d.stages import STAGES, summary
 
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
 _HIDDEN = ("hidden_size", "n_embd", "d_model")
@@ -60,42 +61,7 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _stage_summary(s: dict) -> str:
-    """One line of the key outcome of a stage."""
-    m = s.get("metrics") or {}
-    st = s.get("structure") or {}
-    try:
-        if s["stage"] == "sparsify":
-            sb, sa = m["sparsity_before"]["zero"], m["sparsity_after"]["zero"]
-            return (
-                f"{m['metric']} {m['quality_before']:.4g} -> {m['quality_after']:.4g}; "
-                f"zeros {sb:.1%} -> {sa:.1%}" + ("; ReLU swap" if st.get("relu") else "")
-            )
-        if s["stage"] == "convert":
-            return (
-                f"{m['converted_layers']} layers x {m['n_experts']} experts "
-                f"of {m['expert_size']} neurons"
-            )
-        if s["stage"] == "train-routers":
-            return f"mean held-out R^2 {m['mean_r2']:.3f} (hidden {st.get('hidden')})"
-        if s["stage"] == "mod":
-            tk, ca = m["topk"], m["causal"]
-            return (
-                f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}); "
-                f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
-                f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
-            )
-        if s["stage"] == "calibrate":
-            return (
-                f"{m['rule']}: {m['ffn_fraction']:.1%} FFN / {m['model_fraction']:.1%} model "
-                f"FLOPs, {m['metric']} {m['quality']:.4g} (dense {m['dense_quality']:.4g})"
-            )
-    except (KeyError, TypeError):
-        pass
-    return ""
-
-
-def describe(path: str | Path) -> dict:
+def describe_folder(path: str | Path) -> dict:
     """A JSON-able summary of a d2d artifact or an HF model folder."""
     path = Path(path)
     if not path.exists():
@@ -135,39 +101,11 @@ def describe(path: str | Path) -> dict:
             "finished": s.get("finished"),
             "seconds": s.get("seconds"),
             "peak_rss_mb": s.get("peak_rss_mb"),
-            "summary": _stage_summary(s),
+            "summary": summary(s),
         }
         for s in meta["stages"]
     ]
-    convert = last_stage(meta, "convert")
-    if convert is not None:
-        st = convert.get("structure") or {}
-        routers = last_stage(meta, "train-routers")
-        out["moe"] = {
-            "layers": st.get("layers"),
-            "n_experts": st.get("n_experts"),
-            "expert_size": (convert.get("metrics") or {}).get("expert_size"),
-            "routers": None
-            if routers is None
-            else {
-                "hidden": (routers.get("structure") or {}).get("hidden"),
-                "mean_r2": (routers.get("metrics") or {}).get("mean_r2"),
-            },
-        }
-    mod = last_stage(meta, "mod")
-    if mod is not None:
-        st = mod.get("structure") or {}
-        out["mod"] = {k: st.get(k) for k in ("layers", "capacity", "sink", "predictor", "hidden")}
     out["routing"] = meta.get("routing")
-    cal = meta.get("calibration")
-    if cal:
-        out["calibration"] = {
-            k: cal.get(k) for k in ("split", "tokens", "metric", "dense_quality", "choice")
-        }
-        out["calibration"]["rows"] = [
-            {k: r.get(k) for k in ("rule", "policy", "ffn_fraction", "model_fraction", "quality")}
-            | ({"budget": r["budget"]} if "budget" in r else {})
-            | {"drop": r.get("drop")}
-            for r in cal.get("rows", [])
-        ]
+    for spec in STAGES.values():  # each stage adds what it knows ("moe", "mod", "calibration")
+        out.update(spec.about(meta) or {})
     return out

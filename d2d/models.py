@@ -144,3 +144,33 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return Loaded(model.eval(), tok, spec)
+
+
+def with_classification_head(model: nn.Module, label_names: list[str], seed: int) -> nn.Module:
+    """The encoder under a new sequence-classification head (seeded init); an existing
+    classifier is kept if its labels match."""
+    from transformers import AutoModelForSequenceClassification
+
+    n = len(label_names)
+    if task_of(model) == "classification":
+        if model.config.num_labels != n:
+            raise D2DError(
+                f"the model classifies {model.config.num_labels} labels but the data has {n}: "
+                "use matching data or the bare encoder"
+            )
+        return model
+    config = model.config
+    config.num_labels = n
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    torch.manual_seed(seed)
+    clf = AutoModelForSequenceClassification.from_config(config)
+    body = getattr(clf, clf.base_model_prefix)
+    missing, unexpected = body.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise D2DError(
+            f"could not put a classification head on {type(model).__name__}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    clf.config.architectures = [type(clf).__name__]
+    return clf.float()

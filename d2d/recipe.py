@@ -16,13 +16,14 @@ Stages are looked up in d2d's own registry only.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import yaml
 
-from d2d.artifact import META, read_meta, write_json_atomic, write_text_atomic
+from d2d.artifact import META, read_meta
 from d2d.errors import D2DError
+from d2d.io import write_json_atomic, write_text_atomic
 from d2d.progress import Progress, null_progress
 from d2d.stages import STAGES, make_config, run_stage
 
@@ -119,7 +120,7 @@ def run_recipe(
         spec = STAGES[name]
         target = out / f"{i}-{name}" if spec.writes_artifact else None
         if target is not None and target.exists() and not force:
-            if _matches(target, name, asdict(cfg)):
+            if _matches(target, name, cfg):
                 records.append({"stage": name, "skipped": True, "out": str(target)})
                 if on_stage:
                     on_stage(name, records[-1])
@@ -148,19 +149,25 @@ def run_recipe(
 
 
 def _has_checkpoint(cfg, target: Path) -> bool:
-    from d2d.train import latest_checkpoint
+    from d2d.train import latest_checkpoint  # torch: only where a stage can resume
 
     if not getattr(cfg, "checkpoint_every", 0) or not hasattr(cfg, "checkpoints"):
         return False
     return latest_checkpoint(Path(cfg.checkpoints(target))) is not None
 
 
-def _matches(target: Path, name: str, cfg: dict) -> bool:
+def _matches(target: Path, name: str, cfg) -> bool:
     try:
         meta = read_meta(target)
     except D2DError:
         return False
     last = meta["stages"][-1] if meta["stages"] else {}
     done = {k: v for k, v in (last.get("config") or {}).items() if k != "resume"}
-    want = {k: v for k, v in cfg.items() if k != "resume"}  # a resumed run is the same run
+    # a resumed run is the same run; an option added since the stage ran counts as its default
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}
+    want = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k != "resume" and not (k not in done and k in defaults and v == defaults[k])
+    }
     return last.get("stage") == name and done == want and (target / META).exists()

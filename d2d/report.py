@@ -21,10 +21,16 @@ from pathlib import Path
 import torch
 
 from d2d import __version__
-from d2d.artifact import atomic_dir, last_stage, read_meta
+from d2d.artifact import read_meta
 from d2d.errors import D2DError
-from d2d.inspect import describe as describe_folder
+from d2d.inspect import describe_folder
+from d2d.io import atomic_dir
+from d2d.lineage import last_stage
+from d2d.options import parse_taus
 from d2d.progress import Progress, null_progress
+from d2d.stages import load_artifact
+from d2d.stages.base import Table
+from d2d.stages.calibrate import calibration_table
 
 FIGURES = {
     "curve": "Cost-quality curve",
@@ -40,9 +46,8 @@ MAP_TOKENS = 96  # tokens shown in the routing map
 def measure_routing_map(path: Path, meta: dict, data: str | None) -> dict:
     """Which tokens each routed block processes, under top-k and under the causal decision,
     for the first window of the held-out split (the window length the routers trained on)."""
-    from d2d.artifact import load_artifact
     from d2d.data import lm_windows, load_corpus
-    from d2d.mod import depth, mod_blocks
+    from d2d.nn.depth import depth_mode, mod_blocks
 
     cfg = last_stage(meta, "mod")["config"]
     data = data or cfg.get("data")
@@ -51,7 +56,7 @@ def measure_routing_map(path: Path, meta: dict, data: str | None) -> dict:
     ids = lm_windows(art.tokenizer, corpus, cfg.get("seq_len", 256), 1)
     maps = {}
     for mode in ("topk", "causal"):
-        with depth(art.model, mode), torch.no_grad():
+        with depth_mode(art.model, mode), torch.no_grad():
             art.model(input_ids=ids)
         maps[mode] = {
             str(i): b.last_choice[0, :MAP_TOKENS].int().tolist()
@@ -108,9 +113,8 @@ def measure_usage(
     progress: Progress = null_progress,
 ) -> dict:
     """Run the artifact on the calibration split and count which experts each token runs."""
-    from d2d.artifact import load_artifact
-    from d2d.evaluate import Evaluator
-    from d2d.moe.routing import global_tau
+    from d2d.measure.evaluate import Evaluator
+    from d2d.nn.policy import global_tau
 
     cal, routers = last_stage(meta, "calibrate"), last_stage(meta, "train-routers")
     if routers is None:
@@ -127,7 +131,14 @@ def measure_usage(
         raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --tau")
     art = load_artifact(path)
     ev = Evaluator(
-        art.model, art.tokenizer, data, "calib", src.get("seq_len", 256), tokens, src.get("seed", 0)
+        art.model,
+        art.tokenizer,
+        data=data,
+        split="calib",
+        seq_len=src.get("seq_len", 256),
+        tokens=tokens,
+        seed=src.get("seed", 0),
+        doc_split=src.get("doc_split", "auto"),
     )
     m = ev.measure(art.model, policy, progress, "measuring expert usage")
     return {
@@ -308,28 +319,28 @@ def _pct(x) -> str:
 
 
 def _policy_text(p: dict | None) -> str:
-    from d2d.moe.routing import describe
+    from d2d.nn.policy import label
 
-    text = describe(p)
+    text = label(p)
     return "global " + text if text.startswith("tau") else text
 
 
-def _cal_table(cal: dict) -> str:
-    from d2d.moe.routing import describe_row
+def html_table(t: Table) -> str:
+    """A stage view's table as HTML (the terminal draws the same table with rich)."""
 
-    rows = []
-    for j, r in enumerate(cal["rows"]):
-        label = describe_row(r)
-        cls = ' class="chosen"' if j == cal.get("choice") else ""
-        rows.append(
-            f"<tr{cls}><td class=l>{_e(label)}</td><td>{_pct(r['ffn_fraction'])}</td>"
-            f"<td>{_pct(r['model_fraction'])}</td><td>{r['quality']:.4g}</td>"
-            f"<td>{100 * r['drop']:+.2f}%</td></tr>"
+    def cls(col: str) -> str:
+        return " class=l" if col in t.left else ""
+
+    head = "".join(f"<th{cls(c)}>{_e(c)}</th>" for c in t.columns)
+    body = []
+    for cells, style in zip(t.rows, t.styles, strict=True):
+        tr = ' class="chosen"' if style == "chosen" else ""
+        body.append(
+            f"<tr{tr}>"
+            + "".join(f"<td{cls(c)}>{_e(v)}</td>" for c, v in zip(t.columns, cells, strict=True))
+            + "</tr>"
         )
-    return (
-        f"<table><tr><th class=l>routing</th><th>FFN FLOPs</th><th>model FLOPs</th>"
-        f"<th>{_e(cal['metric'])}</th><th>change</th></tr>{''.join(rows)}</table>"
-    )
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _lineage(meta: dict, summary: dict) -> str:
@@ -345,6 +356,12 @@ def _lineage(meta: dict, summary: dict) -> str:
             f"<p>metrics</p><pre>{_e(json.dumps(metrics, indent=1))}</pre></details>"
         )
     return "".join(parts)
+
+
+def _title(key: str) -> str:
+    """A figure's heading; figures measured at one of several taus say which."""
+    base, _, tau = key.partition("-tau")
+    return FIGURES[base] + (f" (tau {tau})" if tau else "")
 
 
 def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str]) -> str:
@@ -374,7 +391,7 @@ def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str
     cards.append(("size on disk", f"{summary['size_bytes'] / 2**20:.1f} MB"))
     m = summary["model"]
     figures = "".join(
-        f'<h2>{_e(FIGURES[k])}</h2><figure><img class="figure" alt="{_e(FIGURES[k])}" '
+        f'<h2>{_e(_title(k))}</h2><figure><img class="figure" alt="{_e(_title(k))}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{_e(captions[k])}</figcaption></figure>"
         for k, png in figs.items()
@@ -394,7 +411,7 @@ layers, hidden {_e(m["hidden"])}, FFN {_e(m["ffn"])} &middot; base
     }</div>
 {"".join(f'<p class="note">{_e(n)}</p>' for n in notes)}
 {figures}
-{"<h2>Calibration table</h2>" + _cal_table(cal) if cal else ""}
+{"<h2>Calibration table</h2>" + html_table(calibration_table(cal)) if cal else ""}
 <h2>Lineage</h2>{_lineage(meta, summary)}
 <script>{_JS}</script>
 </body></html>
@@ -405,15 +422,15 @@ def build_report(
     path: str | Path,
     out: str | Path,
     overwrite: bool = False,
-    tau: float | None = None,
+    tau: float | str | None = None,
     data: str | None = None,
     tokens: int = 16384,
     progress: Progress = null_progress,
 ) -> dict:
-    """Write OUT/index.html, OUT/<figure>.png and OUT/report.json; returns what was written."""
+    """Write OUT/index.html, OUT/<figure>.png and OUT/report.json; returns what was written.
+    `tau`: one global tau or a comma list; expert usage is then measured at each."""
     path = Path(path)
-    if tau is not None and not 0.0 <= tau <= 1.0:
-        raise D2DError(f"tau must be in [0, 1], got {tau}")
+    taus = parse_taus(tau) if tau is not None and str(tau).strip() else None
     if tokens < 1:
         raise D2DError(f"tokens must be >= 1, got {tokens}")
     summary = describe_folder(path)
@@ -436,28 +453,41 @@ def build_report(
         )
     elif last_stage(meta, "convert"):
         notes.append("No calibration yet: run d2d calibrate for the cost-quality curve.")
-    if tau is None and cal and cal.get("usage"):
-        usage = {
-            "usage": cal["usage"],
-            "k_hist": cal["k_hist"],
-            "tokens": cal["tokens"],
-            "policy": meta.get("routing"),
-            "data": cal["config"].get("data"),
-        }
-    elif tau is not None or (cal and last_stage(meta, "train-routers")):
-        usage = measure_usage(path, meta, tau, data, tokens, progress)
+    usages = []  # (figure-name suffix, usage)
+    if taus is None and cal and cal.get("usage"):
+        usages.append(
+            (
+                "",
+                {
+                    "usage": cal["usage"],
+                    "k_hist": cal["k_hist"],
+                    "tokens": cal["tokens"],
+                    "policy": meta.get("routing"),
+                    "data": cal["config"].get("data"),
+                },
+            )
+        )
+    elif taus is not None:
+        for t in taus:
+            suffix = "" if len(taus) == 1 else f"-tau{t:g}"
+            usages.append((suffix, measure_usage(path, meta, t, data, tokens, progress)))
+    elif cal and last_stage(meta, "train-routers"):
+        usages.append(("", measure_usage(path, meta, None, data, tokens, progress)))
     elif last_stage(meta, "convert"):
         notes.append("No routing chosen yet: run d2d train-routers and calibrate for expert usage.")
-    if usage:
-        where = f"{usage['tokens']} tokens of the calibration split of {usage['data']}"
-        pol = _policy_text(usage["policy"])
-        figs["usage"] = usage_figure(usage["usage"], usage["k_hist"])
-        captions["usage"] = f"Fraction of tokens that ran each expert, at {pol}, on {where}."
-        figs["k_hist"] = k_hist_figure(usage["k_hist"])
-        captions["k_hist"] = (
+    for suffix, u in usages:
+        where = f"{u['tokens']} tokens of the calibration split of {u['data']}"
+        pol = _policy_text(u["policy"])
+        figs["usage" + suffix] = usage_figure(u["usage"], u["k_hist"])
+        captions["usage" + suffix] = (
+            f"Fraction of tokens that ran each expert, at {pol}, on {where}."
+        )
+        figs["k_hist" + suffix] = k_hist_figure(u["k_hist"])
+        captions["k_hist" + suffix] = (
             f"Per layer, the distribution of the number of experts a token ran (dynamic-k), "
             f"at {pol}, on {where}; dots mark the mean."
         )
+    usage = usages[0][1] if len(usages) == 1 else [u for _, u in usages] or None
     sp = last_stage(meta, "sparsify")
     if sp and (sp.get("metrics") or {}).get("sparsity_after"):
         figs["sparsity"] = sparsity_figure(sp["metrics"])

@@ -28,9 +28,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from d2d.configs import LoopConfig
 from d2d.dist import is_main_process
 from d2d.errors import D2DError
+from d2d.io import atomic_dir
+from d2d.options import LoopConfig
 from d2d.progress import Progress, null_progress
 
 
@@ -98,8 +99,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fp: str, result):
     from safetensors.torch import save_model
-
-    from d2d.artifact import atomic_dir
 
     target = folder / f"step-{step}"
     with atomic_dir(target, overwrite=True) as tmp:

@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from d2d.mod import insert_mod, mod_stats, set_mode, summarise
+from d2d.nn.depth import insert_mod, mod_stats, set_mode, summarise
 
 SMOLLM2_135M = dict(
     vocab_size=49152,

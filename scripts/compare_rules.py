@@ -19,9 +19,12 @@ import time
 
 import numpy as np
 
-from d2d.artifact import load_artifact, write_json_atomic
-from d2d.calibrate import DEFAULT_BUDGETS, allocate, layer_policy, layer_sensitivity
-from d2d.evaluate import Evaluator, quality_drop
+from d2d import load_artifact
+from d2d.io import write_json_atomic
+from d2d.measure.evaluate import Evaluator, quality_drop
+from d2d.measure.sensitivity import allocate, layer_sensitivity
+from d2d.nn.policy import layer_policy
+from d2d.stages.calibrate import DEFAULT_BUDGETS
 
 TAUS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2]
 TOPK = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]

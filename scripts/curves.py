@@ -69,7 +69,7 @@ def from_calibration(args) -> dict:
 
 
 def measure(args) -> dict:
-    from d2d.evaluate import Evaluator
+    from d2d.measure.evaluate import Evaluator
     from d2d.stages import open_input
 
     curves, refs, metric = [], [], None

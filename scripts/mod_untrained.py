@@ -10,9 +10,9 @@ import argparse
 
 import torch
 
-from d2d.evaluate import Evaluator
-from d2d.mod import MoDBlock, insert_mod
+from d2d.measure.evaluate import Evaluator
 from d2d.models import load_base
+from d2d.nn.depth import MoDBlock, insert_mod
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import torch
 
 import d2d
 from d2d import arch
-from d2d.bench import _decode_loop
 from d2d.data import lm_windows, load_corpus
-from d2d.moe.routing import routing
+from d2d.measure.timing import decode_loop
+from d2d.nn.routing import routing
 
 
 def families(model) -> dict[str, list[torch.nn.Module]]:
@@ -53,7 +53,7 @@ def timed(model, prompt, steps: int) -> dict[str, float]:
 
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     try:
-        total = _decode_loop(model, prompt, steps)
+        total = decode_loop(model, prompt, steps)
     finally:
         for h in handles:
             h.remove()
@@ -77,9 +77,9 @@ def main():
     with torch.no_grad():
         for name, pol in (("dense", {"rule": "all"}), ("d2d", art.meta["routing"])):
             with routing(model, pol):
-                _decode_loop(model, prompt, 4)  # warm-up
+                decode_loop(model, prompt, 4)  # warm-up
                 plain = statistics.median(
-                    _decode_loop(model, prompt, a.steps) for _ in range(a.reps)
+                    decode_loop(model, prompt, a.steps) for _ in range(a.reps)
                 )
                 parts = [timed(model, prompt, a.steps) for _ in range(a.reps)]
             rows[name] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}

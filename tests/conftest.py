@@ -65,13 +65,13 @@ def text_dir(tmp_path):
 def calibrated(model_dirs, tmp_path_factory):
     """A tiny LLaMA through every stage (sparsify, convert, train-routers, calibrate) on the
     bundled BBC text: {stage: artifact path}."""
-    from d2d.configs import (
+    from d2d.stages import (
         CalibrateConfig,
         ConvertConfig,
         SparsifyConfig,
         TrainRoutersConfig,
+        run_stage,
     )
-    from d2d.stages import run_stage
 
     root = tmp_path_factory.mktemp("calibrated")
     cfgs = [
@@ -105,8 +105,7 @@ def calibrated(model_dirs, tmp_path_factory):
 def mod_artifact(model_dirs, tmp_path_factory):
     """A tiny LLaMA with Mixture-of-Depths routers on block 1 (capacity 0.5, MLP predictor),
     briefly trained: the artifact's path."""
-    from d2d.configs import ModConfig
-    from d2d.stages import run_stage
+    from d2d.stages import ModConfig, run_stage
 
     out = tmp_path_factory.mktemp("mod") / "mod"
     cfg = ModConfig(

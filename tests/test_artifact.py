@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
-from d2d.artifact import FORMAT_VERSION, Artifact, load, load_artifact, new_meta, save
+from d2d import load, load_artifact
+from d2d.artifact import FORMAT_VERSION, Artifact, new_meta, save
 from d2d.errors import D2DError, StageOrderError
-from d2d.moe.convert import ConvertConfig
-from d2d.moe.routers import TrainRoutersConfig
-from d2d.stages import run_stage
+from d2d.stages import ConvertConfig, TrainRoutersConfig, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def logits(model, ids):
 
 
 def test_round_trip_gives_identical_outputs(routed, model_dirs):
-    from d2d.moe.routing import routing
+    from d2d.nn.routing import routing
     from d2d.stages import open_input
 
     ids = torch.randint(1, 500, (2, 16))
@@ -62,7 +61,7 @@ def test_no_pickle_files_written(routed):
 
 
 def test_stage_order_is_enforced(routed, model_dirs, tmp_path):
-    from d2d.calibrate import CalibrateConfig
+    from d2d.stages import CalibrateConfig
 
     with pytest.raises(StageOrderError, match="train-routers"):
         run_stage("calibrate", str(routed / "c"), CalibrateConfig(), tmp_path / "x")

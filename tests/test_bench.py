@@ -38,9 +38,8 @@ def test_bench_at_given_taus(calibrated):
         app, ["bench", str(calibrated["calibrate"]), "--taus", "0,1", "--no-model", *SHORT]
     )
     assert res.exit_code == 0, res.output
-    from d2d.bench import bench
-    from d2d.configs import BenchConfig
-    from d2d.stages import open_input
+    from d2d.stages import BenchConfig, open_input
+    from d2d.stages.bench import bench
 
     art = open_input(str(calibrated["calibrate"]))
     cfg = BenchConfig(taus="0,1", token_counts="3", reps=1, warmup=0, model=False)

@@ -1,8 +1,14 @@
 import numpy as np
 import pytest
 
-from d2d.calibrate import LAYER_GRID, CalibrateConfig, allocate, choose, parse_taus
 from d2d.errors import D2DError
+from d2d.measure.sensitivity import allocate
+from d2d.nn.policy import RULES
+from d2d.options import parse_taus
+from d2d.stages import CalibrateConfig
+from d2d.stages.calibrate import choose
+
+LAYER_GRID = np.array(RULES["tau"].grid(None))  # per-layer tau grid
 
 
 def test_parse_taus():

@@ -3,10 +3,12 @@ import pytest
 import torch
 from tiny import outputs, tiny
 
+from d2d.cluster import balanced_kmeans
 from d2d.errors import D2DError
-from d2d.moe.cluster import balanced_kmeans
-from d2d.moe.convert import ConvertConfig, convert, moe_layers, parse_layers
-from d2d.moe.routing import routing
+from d2d.nn.routing import routing
+from d2d.nn.structure import moe_layers
+from d2d.options import parse_layers
+from d2d.stages import ConvertConfig, convert
 
 FAMILIES = ["gated", "gpt2", "bert", "bert-cls"]
 

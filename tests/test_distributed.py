@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from d2d.artifact import load_artifact
+from d2d import load_artifact
 
 ARGS = [
     "--data", "shakespeare", "--steps", "4", "--batch-size", "4", "--seq-len", "32",

@@ -10,11 +10,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2d.artifact import load_artifact, read_meta
-from d2d.configs import ConvertConfig
+from d2d import load_artifact
+from d2d.artifact import read_meta
 from d2d.errors import D2DError
 from d2d.recipe import parse_recipe
-from d2d.stages import STAGES, run_stage
+from d2d.stages import STAGES, ConvertConfig, run_stage
 
 OPTION_NAMES = sorted({f for s in STAGES.values() for f in s.config_cls.__dataclass_fields__})
 KEYS = st.sampled_from(["model", "out", "data", "stages", *STAGES, *OPTION_NAMES]) | st.text(

@@ -2,9 +2,9 @@ import pytest
 import torch
 from tiny import tiny
 
-from d2d.moe.convert import ConvertConfig, convert, moe_layers
-from d2d.moe.routers import attach_routers
-from d2d.moe.routing import routing
+from d2d.nn.routing import routing
+from d2d.nn.structure import attach_routers, moe_layers
+from d2d.stages import ConvertConfig, convert
 
 
 @pytest.mark.parametrize("family", ["gated", "gpt2"])

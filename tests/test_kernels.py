@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny
 
-from d2d.moe import kernels
-from d2d.moe.convert import ConvertConfig, convert, moe_layers
-from d2d.moe.layer import MoEFFN
-from d2d.moe.routers import attach_routers
-from d2d.moe.routing import execution, routing
+from d2d.nn import kernels
+from d2d.nn.moe import MoEFFN
+from d2d.nn.routing import execution, routing
+from d2d.nn.structure import attach_routers, moe_layers
+from d2d.stages import ConvertConfig, convert
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import tiny
 
-from d2d.mod import insert_mod, mod_blocks, set_mode
+from d2d.nn.depth import insert_mod, mod_blocks, set_mode
 
 
 def llama(seed=0, layers=4):
@@ -132,9 +132,9 @@ def test_causal_mode_prefill_equals_step_decoding_and_cache_skips(batch):
 def test_staged_mode_combines_with_moe(order):
     """MoD on the blocks and dynamic-k MoE inside their FFNs: with every expert run, the
     converted model computes what the MoD model does."""
-    from d2d.moe.convert import ConvertConfig, convert, moe_layers
-    from d2d.moe.routers import attach_routers
-    from d2d.moe.routing import routing
+    from d2d.nn.routing import routing
+    from d2d.nn.structure import attach_routers, moe_layers
+    from d2d.stages import ConvertConfig, convert
 
     ref = llama(seed=2)
     insert_mod(ref, [1, 3], capacity=0.5)

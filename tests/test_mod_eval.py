@@ -10,9 +10,9 @@ from test_mod import llama, logits, randomise_routers
 from typer.testing import CliRunner
 
 from d2d.errors import D2DError
-from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
-from d2d.mod import MoDBlock, insert_mod, mod_blocks, set_mode
-from d2d.moe.routing import routing
+from d2d.measure.flops import converted_flops, dense_ffn_macs, dense_flops
+from d2d.nn.depth import MoDBlock, insert_mod, mod_blocks, set_mode
+from d2d.nn.routing import routing
 
 runner = CliRunner()
 
@@ -208,9 +208,8 @@ def test_staged_artifact_records_and_replays_both(mod_artifact, tmp_path):
     """d2d mod, then d2d convert: the lineage holds both, d2d.load rebuilds both, and with
     every expert run the converted artifact computes what the MoD artifact does."""
     import d2d
-    from d2d.configs import ConvertConfig
-    from d2d.moe.convert import moe_layers
-    from d2d.stages import run_stage
+    from d2d.nn.structure import moe_layers
+    from d2d.stages import ConvertConfig, run_stage
 
     out = tmp_path / "staged"
     run_stage("convert", str(mod_artifact), ConvertConfig(n_experts=8), out)

@@ -8,9 +8,9 @@ from d2d_cli.main import app
 from typer.testing import CliRunner
 
 import d2d
-from d2d.configs import ModConfig
 from d2d.errors import D2DError
-from d2d.mod import mod_blocks
+from d2d.nn.depth import mod_blocks
+from d2d.stages import ModConfig
 
 runner = CliRunner()
 FAST = ["--steps", "300", "--batch-size", "8", "--seq-len", "32", "--eval-tokens", "512"]

@@ -4,11 +4,8 @@ import json
 
 import pytest
 
-from d2d.artifact import load_artifact
-from d2d.calibrate import CalibrateConfig
-from d2d.moe.convert import ConvertConfig
-from d2d.moe.routers import TrainRoutersConfig
-from d2d.stages import EvalConfig, run_stage
+from d2d import load_artifact
+from d2d.stages import CalibrateConfig, ConvertConfig, EvalConfig, TrainRoutersConfig, run_stage
 
 SMALL = {"seq_len": 64, "tokens": 512}
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from d2d.moe.convert import ConvertConfig, convert, moe_layers
-from d2d.moe.routers import attach_routers
-from d2d.moe.routing import routing
-from d2d.stages import open_input
+from d2d.nn.routing import routing
+from d2d.nn.structure import attach_routers, moe_layers
+from d2d.stages import ConvertConfig, convert, open_input
 
 pytestmark = pytest.mark.slow
 

@@ -11,14 +11,14 @@ from tiny import tree_bytes
 from typer.testing import CliRunner
 
 from d2d.errors import D2DError
-from d2d.inspect import describe
+from d2d.inspect import describe_folder as describe
 from d2d.report import build_report
 
 runner = CliRunner()
 
 
 def test_describe_reads_lineage_structure_and_weights(calibrated):
-    from d2d.artifact import load_artifact
+    from d2d import load_artifact
 
     d = describe(calibrated["calibrate"])
     assert d["artifact"] and [s["stage"] for s in d["stages"]] == [

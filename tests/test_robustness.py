@@ -20,8 +20,7 @@ from d2d_cli.main import app
 from tiny import tree_bytes
 from typer.testing import CliRunner
 
-from d2d.configs import ConvertConfig
-from d2d.stages import run_stage
+from d2d.stages import ConvertConfig, run_stage
 
 runner = CliRunner()
 TINY_ROUTERS = ["--tokens", "256", "--seq-len", "32", "--steps", "2", "--heldout-tokens", "64"]

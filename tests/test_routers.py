@@ -3,8 +3,9 @@ import copy
 import pytest
 import torch
 
-from d2d.moe.layer import Router
-from d2d.moe.routers import TrainRoutersConfig, router_metrics, train_router_set
+from d2d.nn.moe import Router
+from d2d.routers import router_metrics, train_router_set
+from d2d.stages import TrainRoutersConfig
 
 
 def test_router_training_reduces_loss_and_learns_norms():

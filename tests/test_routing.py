@@ -3,9 +3,10 @@ import torch
 from tiny import outputs, tiny
 
 from d2d.errors import D2DError
-from d2d.moe.convert import ConvertConfig, convert, moe_layers
-from d2d.moe.routers import attach_routers
-from d2d.moe.routing import collecting, routing, validate
+from d2d.nn.policy import validate
+from d2d.nn.routing import collecting, routing
+from d2d.nn.structure import attach_routers, moe_layers
+from d2d.stages import ConvertConfig, convert
 
 
 def converted(family="gated", n_experts=8):
@@ -71,8 +72,8 @@ def test_dense_positions_run_every_expert_at_the_sink():
 def test_routing_context_restores_previous_policy():
     m = converted()
     with routing(m, {"rule": "tau", "tau": 0.3}):
-        assert all(x.tau == 0.3 for x in moe_layers(m).values())
-    assert all(x.rule == "all" for x in moe_layers(m).values())
+        assert all(x.policy.value_at(i) == 0.3 for i, x in moe_layers(m).items())
+    assert all(x.policy.rule == "all" for x in moe_layers(m).values())
 
 
 @pytest.mark.parametrize(
@@ -108,15 +109,15 @@ def test_padding_is_not_counted():
 
 
 def test_rule_masks_by_hand():
-    from d2d.moe.layer import rule_mask
+    from d2d.nn.policy import rule_mask
 
     s = torch.tensor([[4.0, 1.0, 0.5, 0.0], [0.2, 0.1, 0.3, 0.05]])
-    tau = rule_mask("tau", s, tau=0.25)
+    tau = rule_mask("tau", s, 0.25)
     assert tau.tolist() == [[True, True, False, False], [True, True, True, False]]
-    top = rule_mask("topk", s, k=2)
+    top = rule_mask("topk", s, 0.5)  # k = 2 of 4
     assert top.tolist() == [[True, True, False, False], [True, False, True, False]]
     # an absolute threshold: the second token keeps only its best expert
-    thr = rule_mask("threshold", s, threshold=0.75)
+    thr = rule_mask("threshold", s, 0.75)
     assert thr.tolist() == [[True, True, False, False], [False, False, True, False]]
 
 
@@ -131,7 +132,7 @@ def test_per_layer_policies_apply_per_layer():
 
 
 def test_router_cost_counts_only_where_the_router_runs():
-    from d2d.flops import converted_ffn_flops, dense_ffn_macs
+    from d2d.measure.flops import converted_ffn_flops, dense_ffn_macs
 
     m = converted()
     ids = torch.randint(1, 96, (2, 8))

@@ -7,20 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from d2d.artifact import load_artifact
-from d2d.configs import ConvertConfig, EvalConfig, SparsifyConfig, TrainRoutersConfig
+from d2d import load_artifact
 from d2d.errors import D2DError
-from d2d.sparsify import (
-    hoyer,
-    l1,
-    measure_sparsity,
-    penalty,
-    relufy,
-    sparsity_stats,
-    tapped,
-    weight_at,
-)
-from d2d.stages import run_stage
+from d2d.measure.sparsity import measure_sparsity
+from d2d.nn.activations import hoyer, l1, penalty, relufy, sparsity_stats, tapped
+from d2d.stages import ConvertConfig, EvalConfig, SparsifyConfig, TrainRoutersConfig, run_stage
+from d2d.stages.sparsify import weight_at
 
 FAST = {"seq_len": 32, "eval_tokens": 128, "bf16": False}
 
@@ -216,7 +208,7 @@ def test_measure_sparsity_reports_every_layer(model_dirs):
 def test_neuron_oracle_keeps_the_largest_activations():
     from tiny import outputs, tiny
 
-    from d2d.sparsify import neuron_oracle
+    from d2d.nn.activations import neuron_oracle
 
     model = tiny("gpt2")
     ids = torch.randint(1, 90, (2, 12))

@@ -13,9 +13,9 @@ sys.path.insert(0, str(HERE.parent))
 from tiny import tiny  # noqa: E402
 
 from d2d.artifact import Artifact, new_meta, save  # noqa: E402
-from d2d.moe.convert import ConvertConfig, convert, moe_layers  # noqa: E402
-from d2d.moe.routers import attach_routers  # noqa: E402
-from d2d.moe.routing import apply_routing  # noqa: E402
+from d2d.nn.routing import apply_routing  # noqa: E402
+from d2d.nn.structure import attach_routers, moe_layers  # noqa: E402
+from d2d.stages import ConvertConfig, convert  # noqa: E402
 
 IDS = [[5, 17, 3, 44, 9, 60, 2, 31]]
 POLICY = {"rule": "tau", "tau": 0.3, "dense_positions": 1}

@@ -1,4 +1,8 @@
-"""`convert`: split every FFN into equal-size experts (structure only, same function)."""
+"""Structural changes d2d makes to a model: FFNs become MoE layers, routers are attached.
+
+These functions build structure only (empty modules of the right shapes): `convert` fills the
+weights from the dense FFN, `d2d.load` from the artifact's file.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,8 @@ import torch
 from torch import nn
 
 from d2d import arch
-from d2d.configs import ConvertConfig, parse_layers
 from d2d.errors import D2DError
-from d2d.moe.cluster import balanced_kmeans, permutation_from_labels
-from d2d.moe.layer import MoEFFN, RoutingContext
-from d2d.progress import Progress, null_progress
+from d2d.nn.moe import MoEFFN, Router, RoutingContext
 
 
 def moe_layers(model: nn.Module) -> dict[int, MoEFFN]:
@@ -97,7 +98,7 @@ def build_structure(model: nn.Module, layers: list[int], n_experts: int) -> dict
             dtype=w.w_in.dtype,
             device=w.w_in.device,
         )
-        moe.context = ctx
+        moe.context, moe.index = ctx, i
         arch.set_path(block, fam.slot, moe)
         if fam.passthrough:
             arch.set_path(block, fam.passthrough, nn.Identity())
@@ -107,49 +108,8 @@ def build_structure(model: nn.Module, layers: list[int], n_experts: int) -> dict
     return made
 
 
-def resolve_n_experts(model: nn.Module, cfg: ConvertConfig) -> int:
-    fam = arch.detect(model)
-    f = arch.read_ffn(arch.blocks(model, fam)[0], fam).w_in.shape[0]
-    if cfg.n_experts is not None:
-        n = cfg.n_experts
-    else:
-        if f % cfg.expert_size:
-            raise D2DError(
-                f"expert size {cfg.expert_size} does not divide the FFN width {f}: "
-                f"choose a divisor of {f}"
-            )
-        n = f // cfg.expert_size
-    if f % n:
-        raise D2DError(f"{n} experts do not divide the FFN width {f}: choose a divisor of {f}")
-    return n
-
-
-@torch.no_grad()
-def convert(model: nn.Module, cfg: ConvertConfig, progress: Progress = null_progress) -> dict:
-    """Split the FFNs of `model` in place. Returns the structure to record in the lineage."""
-    if moe_layers(model):
-        raise D2DError("this model is already converted: convert the dense model instead")
-    fam = arch.detect(model)
-    n_layers = len(arch.blocks(model, fam))
-    layers = parse_layers(cfg.layers, n_layers)
-    n_experts = resolve_n_experts(model, cfg)
-    made = build_structure(model, layers, n_experts)
-    sizes = []
-    for j, (i, (moe, w)) in enumerate(made.items()):
-        keys = (w.w_gate if w.w_gate is not None else w.w_in).float().cpu().numpy()
-        labels = balanced_kmeans(keys, n_experts, seed=cfg.seed + i)
-        perm = torch.from_numpy(permutation_from_labels(labels)).to(w.w_in.device)
-        moe.w_in.copy_(w.w_in[perm])
-        moe.w_out.copy_(w.w_out[:, perm].t())
-        if moe.w_gate is not None:
-            moe.w_gate.copy_(w.w_gate[perm])
-        if moe.b_in is not None:
-            moe.b_in.copy_(w.b_in[perm])
-        if moe.b_gate is not None:
-            moe.b_gate.copy_(w.b_gate[perm])
-        if moe.b_out is not None:
-            moe.b_out.copy_(w.b_out)
-        moe.perm.copy_(perm)
-        sizes.append(int(labels.max()) + 1)
-        progress("clustering FFN neurons", j + 1, len(made))
-    return {"layers": layers, "n_experts": n_experts, "expert_size": moe.expert_size}
+def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:
+    for m in moes.values():
+        m.router = Router(m.d_model, m.n_experts, hidden).to(
+            device=m.w_in.device, dtype=torch.float32
+        )

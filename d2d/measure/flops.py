@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from d2d import arch
-from d2d.moe.layer import LayerStats, MoEFFN
+from d2d.nn.depth import mod_blocks, processed
+from d2d.nn.moe import LayerStats, MoEFFN
+from d2d.nn.structure import moe_layers
 
 
 @dataclass
@@ -86,9 +88,6 @@ def converted_flops(
     """FLOPs per token measured from execution statistics: MoE layers at the fraction of
     experts they ran (router cost included), routed blocks (Mixture-of-Depths) at the fraction
     of tokens `processed[i]` they took (their router cost included)."""
-    from d2d.mod import mod_blocks
-    from d2d.moe.convert import moe_layers
-
     moes, blocks = moe_layers(model), mod_blocks(model)
     processed = processed or {}
     proj, scores = _attention_macs(model, seq_len, causal)
@@ -111,3 +110,20 @@ def converted_flops(
 def converted_ffn_flops(model: nn.Module, stats: dict[int, LayerStats]) -> float:
     """FFN FLOPs per token measured from execution statistics (router cost included)."""
     return converted_flops(model, 1, True, stats).ffn
+
+
+def fractions(
+    model: nn.Module,
+    seq_len: int,
+    causal: bool,
+    stats: dict[int, LayerStats],
+    depth_stats: dict | None = None,
+    head: bool = True,
+) -> tuple[float, float]:
+    """(FFN, whole-model) FLOPs per token as fractions of the dense model's, from execution
+    statistics (`depth_stats`: Mixture-of-Depths counts from d2d.nn.depth.mod_stats). head=False:
+    a prefill that computes the LM head for the last position only leaves the head out."""
+    dense = dense_flops(model, seq_len, causal)
+    conv = converted_flops(model, seq_len, causal, stats, processed(depth_stats or {}))
+    cut = 0.0 if head else dense.head
+    return conv.ffn / dense.ffn, (conv.total - cut) / (dense.total - cut)

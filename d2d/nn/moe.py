@@ -5,7 +5,8 @@ nn.Linear layout) and the same rows of `w_out`, which is stored [f, d] (the tran
 down projection's nn.Linear weight) so that every expert's weights are contiguous rows.
 Executing every expert is therefore the dense FFN with its neurons reordered: the same function.
 
-Which experts run is a routing policy (plain attributes, not weights) set by `set_routing`.
+Which experts run is a routing policy (d2d.nn.policy, not weights) that each layer holds whole,
+set by d2d.nn.routing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from d2d.nn import kernels
+from d2d.nn.policy import ALL, RoutingPolicy
 
 
 class Router(nn.Module):
@@ -58,25 +62,6 @@ class LayerStats:
         return self.executed / max(1, self.tokens * n_experts)
 
 
-def rule_mask(
-    rule: str, scores: torch.Tensor, tau: float = 0.0, k: int = 1, threshold: float = 0.0
-) -> torch.Tensor:
-    """Boolean [N, E] mask of the experts a rule runs, from non-negative scores [N, E].
-
-    tau: dynamic-k, run i iff score_i >= tau * max score (D2DMoE);
-    topk: the k best experts of each token;
-    threshold: run i iff score_i >= an absolute threshold (per layer), always the best one.
-    """
-    if rule == "tau":
-        return scores >= tau * scores.amax(dim=-1, keepdim=True)
-    if rule == "topk":
-        idx = scores.topk(max(1, k), dim=-1).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
-    if rule == "threshold":
-        return (scores >= threshold) | (scores >= scores.amax(dim=-1, keepdim=True))
-    raise ValueError(f"unknown routing rule {rule!r}")
-
-
 class MoEFFN(nn.Module):
     """A dense FFN split into `n_experts` experts of `expert_size` neurons each."""
 
@@ -106,17 +91,12 @@ class MoEFFN(nn.Module):
         # original neuron index of each permuted neuron: maps experts back to the dense FFN
         self.register_buffer("perm", torch.arange(f, device=device))
         self.router: Router | None = None
-        # routing policy
-        self.rule = "all"  # all | tau | topk | threshold
-        self.threshold = 0.0  # rule "threshold": absolute predicted-norm threshold
-        self.scores = "router"  # router | oracle
-        self.tau = 0.0
-        self.k = n_experts
-        self.dense_positions = 0
+        self.index = 0  # the block this FFN belongs to: per-layer policies are keyed by it
+        self.policy: RoutingPolicy = ALL
         self.context = RoutingContext()
         self.stats: LayerStats | None = None  # collect when not None
         self.capture = None  # callable(x, h) used by router training and calibration
-        # "sparse": run only the selected experts (d2d/moe/kernels.py) where it applies;
+        # "sparse": run only the selected experts (d2d/nn/kernels.py) where it applies;
         # "masked": compute every expert and zero the unselected ones (the reference)
         self.execution = "sparse"
 
@@ -152,33 +132,27 @@ class MoEFFN(nn.Module):
     def router_macs(self) -> int:
         """The router's cost per token under the current policy (it runs only where the policy
         can skip an expert and scores come from the router)."""
-        runs = self.router is not None and self.scores == "router" and self.routes()
+        runs = self.router is not None and self.policy.scores == "router" and self.routes()
         return self.router.macs() if runs else 0
 
     def routes(self) -> bool:
         """Whether the policy can skip an expert; if not, scores (and the router) are not run."""
-        return {
-            "all": False,
-            "tau": self.tau > 0.0,
-            "topk": self.k < self.n_experts,
-            "threshold": self.threshold > 0.0,
-        }.get(self.rule, True)
+        return self.policy.routes(self.index, self.n_experts)
 
     def select(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         """Boolean [N, E] mask of experts to run, or None for all of them."""
         if not self.routes():
             return None
-        if self.scores == "oracle":
+        if self.policy.scores == "oracle":
             scores = self.expert_norms(h)
         else:
             if self.router is None:
                 raise RuntimeError("this MoE layer has no router: run train-routers first")
             scores = self.router(x.to(self.router.fc1.weight.dtype))
-        mask = rule_mask(self.rule, scores, tau=self.tau, k=self.k, threshold=self.threshold)
-        pos = self.context.positions
-        sink = self.dense_positions > self.context.min_position
-        if sink and pos is not None and pos.numel() == mask.shape[0]:
-            mask |= (pos.reshape(-1) < self.dense_positions)[:, None]
+        mask = self.policy.mask(self.index, scores)
+        pos, sink = self.context.positions, self.policy.dense_positions
+        if sink > self.context.min_position and pos is not None and pos.numel() == mask.shape[0]:
+            mask |= (pos.reshape(-1) < sink)[:, None]
         return mask
 
     # above this executed fraction the dense product beats the sparse kernel
@@ -187,12 +161,10 @@ class MoEFFN(nn.Module):
     def _sparse_ok(self, x2: torch.Tensor) -> bool:
         """Whether this call may run only the selected experts (inference with router scores);
         False keeps the masked reference computation."""
-        from d2d.moe import kernels
-
         if not (
             self.execution == "sparse"
             and self.capture is None
-            and self.scores == "router"
+            and self.policy.scores == "router"
             and self.routes()
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x2.device.type)
@@ -205,8 +177,6 @@ class MoEFFN(nn.Module):
     def _run_sparse(self, x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """Only the selected experts; None above SPARSE_MAX_FRACTION of the pairs (the caller
         then takes the dense product)."""
-        from d2d.moe import kernels
-
         cpu = x2.device.type == "cpu"
         if cpu and kernels.act_code(self.act) >= 0:  # one kernel call, fraction test inside
             return kernels.fused_ffn(self, x2, mask, self.SPARSE_MAX_FRACTION)
@@ -254,5 +224,5 @@ class MoEFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_experts={self.n_experts}, expert_size={self.expert_size}, "
-            f"gated={self.gated}, rule={self.rule}, tau={self.tau}"
+            f"gated={self.gated}, policy={self.policy.to_dict()}"
         )

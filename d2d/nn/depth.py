@@ -34,10 +34,10 @@ from torch import nn
 
 from d2d import arch
 from d2d.errors import D2DError
-from d2d.moe.convert import install_context
-from d2d.moe.layer import RoutingContext
-
-MODES = ("topk", "causal", "dense")
+from d2d.nn.moe import RoutingContext
+from d2d.nn.policy import DEPTH_MODES as MODES
+from d2d.nn.structure import install_context
+from d2d.options import parse_layers
 
 
 class MoDBlock(nn.Module):
@@ -241,8 +241,6 @@ class MoDBlock(nn.Module):
 def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
     """Default: every other block, starting with the second (the first block stays dense)."""
     if layers:
-        from d2d.configs import parse_layers
-
         return parse_layers(layers, n_layers)
     if every < 1:
         raise D2DError(f"every must be >= 1, got {every}")
@@ -290,7 +288,7 @@ def set_mode(model: nn.Module, mode: str, capacity: float | None = None) -> None
 
 
 @contextmanager
-def depth(model: nn.Module, mode: str | None, capacity: float | None = None):
+def depth_mode(model: nn.Module, mode: str | None, capacity: float | None = None):
     """Route the blocks with `mode` (and `capacity`) during the block, then restore."""
     blocks = mod_blocks(model)
     saved = {i: (b.mode, b.capacity) for i, b in blocks.items()}
@@ -312,12 +310,12 @@ def mod_stats(model: nn.Module):
     handles = []
     for i, b in blocks.items():
 
-        def hook(mod: MoDBlock, args, out, i=i):
-            real, s = mod.last_real, stats[i]
+        def hook(block: MoDBlock, args, out, i=i):
+            real, s = block.last_real, stats[i]
             s["real"] += int(real.sum())
-            s["chosen"] += int(mod.last_choice.sum())
-            if mod.mode == "topk":  # the causal decision against the choice it imitates
-                s["agree"] += int((((mod.last_causal > 0) == mod.last_choice) & real).sum())
+            s["chosen"] += int(block.last_choice.sum())
+            if block.mode == "topk":  # the causal decision against the choice it imitates
+                s["agree"] += int((((block.last_causal > 0) == block.last_choice) & real).sum())
             else:
                 s["agree"] = None
 

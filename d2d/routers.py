@@ -1,8 +1,8 @@
-"""`train-routers`: per layer, a small MLP regresses each expert's output L2 norm (D2DMoE).
+"""Router training (D2DMoE): per MoE layer, a small MLP regresses each expert's output L2 norm.
 
-FFN inputs and the true expert output norms are captured once from the converted model
-(every expert executed, base weights frozen); each layer's router is then trained by MSE on
-that cache, and judged on held-out tokens.
+FFN inputs and the true expert output norms are captured once from the converted model (every
+expert executed, base weights frozen); each layer's router is then trained by MSE on that
+cache, on the shared training loop, and judged on held-out tokens.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from d2d.configs import TrainRoutersConfig
 from d2d.errors import D2DError
-from d2d.moe.layer import MoEFFN, Router
+from d2d.measure.evaluate import batches_for
+from d2d.nn.moe import MoEFFN, Router
+from d2d.nn.policy import ALL
+from d2d.nn.routing import routing
+from d2d.nn.structure import attach_routers, moe_layers
+from d2d.options import LoopConfig
 from d2d.progress import Progress, null_progress
-
-
-def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:
-    for m in moes.values():
-        m.router = Router(m.d_model, m.n_experts, hidden).to(
-            device=m.w_in.device, dtype=torch.float32
-        )
+from d2d.train import train
 
 
 @torch.no_grad()
@@ -36,8 +35,6 @@ def capture(
     skip_positions: int = 0,
 ):
     """Run the model with every expert; return {layer: (inputs [N, d], norms [N, E])}."""
-    from d2d.moe.routing import routing
-
     store = {i: ([], []) for i in moes}
 
     def make(i):
@@ -57,7 +54,7 @@ def capture(
     for i, m in moes.items():
         m.capture = make(i)
     try:
-        with routing(model, {"rule": "all"}):
+        with routing(model, ALL):
             for j, b in enumerate(batches):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     model(**b)
@@ -115,16 +112,11 @@ class _RoutersTask:
 def train_router_set(
     routers: dict[str, Router],
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    cfg: TrainRoutersConfig,
+    cfg,
     progress: Progress = null_progress,
 ) -> dict[str, float]:
     """Fit every router by MSE on its layer's cache, on the shared training loop (AdamW,
     cosine decay, no warm-up, fp32). Returns each router's last training loss."""
-    from torch import nn
-
-    from d2d.configs import LoopConfig
-    from d2d.train import train
-
     for i, r in routers.items():
         with torch.no_grad():  # start at the mean norm of each expert
             m = data[i][1].mean(0).clamp_min(1e-4)
@@ -145,22 +137,20 @@ def train_router_set(
     return {i: last[f"loss_{i}"] for i in routers}
 
 
-def train_routers(
-    model, tokenizer, cfg: TrainRoutersConfig, progress: Progress = null_progress
-) -> dict:
+def train_routers(model, tokenizer, cfg, progress: Progress = null_progress) -> dict:
     """Attach and train a router for every MoE layer of `model`. Returns metrics."""
-    from d2d.evaluate import batches_for
-    from d2d.moe.convert import moe_layers
-
     moes = moe_layers(model)
     if not moes:
         raise D2DError("this model has no MoE layers: run d2d convert first")
     torch.manual_seed(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    train_b = batches_for(model, tokenizer, cfg.data, "train", cfg.seq_len, cfg.tokens, cfg.seed)
+    c = cfg
+    train_b = batches_for(
+        model, tokenizer, c.data, "train", c.seq_len, c.tokens, c.seed, c.doc_split
+    )
     held_b = batches_for(
-        model, tokenizer, cfg.data, "heldout", cfg.seq_len, cfg.heldout_tokens, cfg.seed
+        model, tokenizer, c.data, "heldout", c.seq_len, c.heldout_tokens, c.seed, c.doc_split
     )
     train = capture(
         model, moes, train_b, cfg.bf16, progress, "capturing FFN inputs (train)", cfg.skip_positions

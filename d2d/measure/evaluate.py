@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
-from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
-from d2d.mod import mod_stats, processed, summarise
+from d2d.measure.flops import dense_ffn_macs, fractions
 from d2d.models import task_of
-from d2d.moe.routing import collecting, routing
+from d2d.nn.depth import mod_stats, summarise
+from d2d.nn.policy import ALL, RoutingPolicy
+from d2d.nn.routing import collecting, routing
+from d2d.nn.structure import moe_layers
 from d2d.progress import Progress, null_progress
 
 METRIC = {"causal-lm": "perplexity", "classification": "accuracy", "encoder": "cosine"}
@@ -26,11 +28,18 @@ TOKENS_PER_BATCH = 2048
 
 
 def batches_for(
-    model, tokenizer, data: str, split: str, seq_len: int, tokens: int, seed: int = 0
+    model,
+    tokenizer,
+    data: str,
+    split: str,
+    seq_len: int,
+    tokens: int,
+    seed: int = 0,
+    doc_split: str = "auto",
 ) -> list[dict]:
     """Token batches (model kwargs) of about `tokens` tokens from a split of `data`."""
     task = task_of(model)
-    corpus = load_corpus(data).split(split, seed)
+    corpus = load_corpus(data, doc_split).split(split, seed)
     n_seq = max(1, math.ceil(tokens / seq_len))
     bs = max(1, TOKENS_PER_BATCH // seq_len)
     if task == "causal-lm":
@@ -79,26 +88,46 @@ class Measurement:
 
 
 class Evaluator:
-    """Holds a split's batches; measures a model under any routing policy on them."""
+    """Holds a split's batches; measures a model under any routing policy on them.
+
+    `Evaluator.of(model, tokenizer, cfg, split)` takes data, seq_len, tokens, seed and bf16 from
+    a stage config (d2d.stages.base.DataFields)."""
 
     def __init__(
         self,
         model,
         tokenizer,
+        *,
         data: str,
         split: str,
         seq_len: int,
         tokens: int,
         seed: int = 0,
         bf16: bool = True,
+        doc_split: str = "auto",
     ):
         self.task = task_of(model)
         self.metric = METRIC[self.task]
-        self.batches = batches_for(model, tokenizer, data, split, seq_len, tokens, seed)
+        self.batches = batches_for(model, tokenizer, data, split, seq_len, tokens, seed, doc_split)
         self.seq_len = seq_len
         self.bf16 = bf16
         self.tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
         self._reference: list[torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, model, tokenizer, cfg, split: str, tokens: int | None = None) -> Evaluator:
+        """An evaluator on `split` of a stage config's data (`tokens` overrides its count)."""
+        return cls(
+            model,
+            tokenizer,
+            data=cfg.data,
+            split=split,
+            seq_len=cfg.seq_len,
+            tokens=cfg.tokens if tokens is None else tokens,
+            seed=cfg.seed,
+            bf16=getattr(cfg, "bf16", True),
+            doc_split=getattr(cfg, "doc_split", "auto"),
+        )
 
     def _forward(self, model, b):
         return forward(model, b, self.bf16)
@@ -111,14 +140,18 @@ class Evaluator:
 
     def reference(self, model) -> list[torch.Tensor]:
         if self._reference is None:
-            with routing(model, {"rule": "all"}):
+            with routing(model, ALL):
                 self._reference = [
                     self.pooled(self._forward(model, b), b["attention_mask"]) for b in self.batches
                 ]
         return self._reference
 
     def measure(
-        self, model, policy: dict, progress: Progress = null_progress, label: str = "evaluating"
+        self,
+        model,
+        policy: RoutingPolicy | dict,
+        progress: Progress = null_progress,
+        label: str = "evaluating",
     ) -> Measurement:
         ref = self.reference(model) if self.task == "encoder" else None
         nll, count, correct, cos = 0.0, 0, 0, 0.0
@@ -153,17 +186,14 @@ class Evaluator:
         return flops
 
     def _flops(self, model, stats, dstats) -> Measurement:
-        from d2d.moe.convert import moe_layers
-
         causal = self.task == "causal-lm"
-        dense = dense_flops(model, self.seq_len, causal)
         blocks = summarise(dstats, len(dense_ffn_macs(model))) if dstats else {}
-        conv = converted_flops(model, self.seq_len, causal, stats, processed(dstats))
+        ffn_fraction, model_fraction = fractions(model, self.seq_len, causal, stats, dstats)
         moes = moe_layers(model)
         return Measurement(
             quality=float("nan"),
-            ffn_fraction=conv.ffn / dense.ffn,
-            model_fraction=conv.total / dense.total,
+            ffn_fraction=ffn_fraction,
+            model_fraction=model_fraction,
             layer_fractions={str(i): s.fraction(moes[i].n_experts) for i, s in stats.items()},
             usage={str(i): s.usage.tolist() for i, s in stats.items() if s.usage is not None},
             k_hist={str(i): s.k_hist.tolist() for i, s in stats.items() if s.k_hist is not None},

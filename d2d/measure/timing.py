@@ -1,20 +1,17 @@
-"""`d2d bench`: wall-clock time of the converted model against the dense one, in one run.
+"""Wall-clock timing of a converted (or Mixture-of-Depths) model against its dense self.
 
-Dense and converted are the same module under two routings: every expert (the dense
-function, computed as one dense product, as the original FFN) and the chosen routing (or
-`--taus`), executed sparsely. Every measurement is interleaved (dense, converted, dense, ...)
-after warm-up, and reported as the median; ratios are converted / dense, printed beside the
-FLOPs fraction of the same run.
+Dense and converted are the same module under two routings: every expert (the dense function,
+computed as one dense product, as the original FFN) and the routing under test, executed
+sparsely. Every measurement is interleaved (dense, converted, dense, ...) after warm-up and
+reported as the median; ratios are converted / dense, beside the FLOPs fraction of the same run.
 
-1. Layer level: one FFN on real hidden states (captured from the model on `--data`) at several
-   token counts; each repetition takes another slice of tokens (another token for 1 token).
-2. Whole model (fp32, batch 1 unless stated): prefill time for one `--prompt-len` prompt,
-   and for causal LMs decode tokens/s with the KV cache at each `--decode-batch` size.
+1. Layer level: one FFN on real hidden states (captured from the model) at several token
+   counts; each repetition takes another slice of tokens (another token for 1 token).
+2. Whole model (fp32): prefill time for one prompt, and for causal LMs decode tokens/s with the
+   KV cache at each batch size.
 
-Mixture-of-Depths artifacts: dense is every block on every token (the same weights); the model
-is timed with top-k routing (prefill only: top-k needs the whole sequence) and with the causal
-decision (prefill and decoding, as generate() runs it). There is no layer benchmark unless the
-FFNs are converted too.
+Mixture-of-Depths: dense is every block on every token (the same weights); top-k routing is
+timed in prefill only (top-k needs the whole sequence), the causal decision in both.
 """
 
 from __future__ import annotations
@@ -24,22 +21,22 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict
 
 import torch
 
 from d2d import __version__
-from d2d.configs import BenchConfig, parse_int_list, parse_taus
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.errors import D2DError
-from d2d.flops import converted_flops, dense_ffn_macs, dense_flops
-from d2d.mod import mod_blocks, mod_stats, processed
+from d2d.measure.evaluate import batches_for, forward
+from d2d.measure.flops import fractions
 from d2d.models import task_of
-from d2d.moe.convert import moe_layers
-from d2d.moe.routing import collecting, describe, global_tau, routing
-from d2d.progress import Progress, null_progress
-
-DENSE = {"rule": "all"}
+from d2d.nn import kernels
+from d2d.nn.depth import mod_stats
+from d2d.nn.policy import ALL as DENSE
+from d2d.nn.routing import collecting, routing
+from d2d.nn.structure import moe_layers
+from d2d.options import parse_int_list
+from d2d.progress import Progress
 
 
 def machine() -> dict:
@@ -51,8 +48,6 @@ def machine() -> dict:
             )
     except OSError:
         pass
-    from d2d.moe import kernels
-
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -77,31 +72,8 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _policies(art, cfg: BenchConfig) -> list[tuple[str, dict]]:
-    out = []
-    if art.meta.get("routing") and not cfg.taus:
-        out.append((f"chosen ({describe(art.meta['routing'])})", art.meta["routing"]))
-    for t in parse_taus(cfg.taus) if cfg.taus else []:
-        out.append((f"tau {t:g}", global_tau(t, art.meta.get("routing"))))
-    blocks = mod_blocks(art.model)
-    if blocks and not moe_layers(art.model):
-        out.append(("", {}))  # the FFNs as they are
-    if not out:
-        raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --taus")
-    if not blocks:
-        return out
-    cap = next(iter(blocks.values())).capacity
-    return [
-        (f"{name}{', ' if name else ''}MoD {mode} (capacity {cap:g})", {**pol, "depth": mode})
-        for name, pol in out
-        for mode in ("topk", "causal")
-    ]
-
-
-def _inputs(art, cfg: BenchConfig, layer: int, n_tokens: int) -> torch.Tensor:
+def _inputs(art, cfg, layer: int, n_tokens: int) -> torch.Tensor:
     """Real FFN inputs of `layer`: the model run (every expert) on the calibration split."""
-    from d2d.evaluate import batches_for, forward
-
     moe = moe_layers(art.model)[layer]
     seq = min(256, n_tokens) if task_of(art.model) == "causal-lm" else 256
     # documents are padded to seq: ask for twice the tokens, keep the real ones
@@ -134,7 +106,7 @@ def _inputs(art, cfg: BenchConfig, layer: int, n_tokens: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
+def layer_bench(art, cfg, policies, progress: Progress) -> dict:
     moes = moe_layers(art.model)
     layer = cfg.layer if cfg.layer >= 0 else sorted(moes)[len(moes) // 2]
     if layer not in moes:
@@ -189,18 +161,7 @@ def layer_bench(art, cfg: BenchConfig, policies, progress: Progress) -> dict:
     }
 
 
-def _ffn_and_model_fraction(
-    model, stats, dstats, seq_len: int, causal: bool, head: bool = True
-) -> tuple[float, float]:
-    """FFN and whole-model FLOPs fractions per token (head=False: a prefill that computes the
-    LM head for the last position only)."""
-    dense = dense_flops(model, seq_len, causal)
-    conv = converted_flops(model, seq_len, causal, stats, processed(dstats))
-    cut = 0.0 if head else dense.head
-    return conv.ffn / dense.ffn, (conv.total - cut) / (dense.total - cut)
-
-
-def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dict]:
+def model_bench(art, cfg, policies, progress: Progress) -> list[dict]:
     model = art.model
     causal = task_of(model) == "causal-lm"
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.prompt_len
@@ -231,7 +192,7 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
             with torch.no_grad():
                 model(**prompt)
         last_only = "logits_to_keep" in prompt
-        ffn_f, model_f = _ffn_and_model_fraction(model, stats, ds, plen, causal, not last_only)
+        ffn_f, model_f = fractions(model, plen, causal, stats, ds, head=not last_only)
         t = interleaved({"dense": prefill(DENSE), "d2d": prefill(pol)}, cfg.reps, cfg.warmup)
         rows.append(
             {
@@ -252,15 +213,15 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
             def decode(pol_, start=start):
                 def f(r):
                     with routing(model, pol_), torch.no_grad():
-                        return _decode_loop(model, start, cfg.new_tokens)
+                        return decode_loop(model, start, cfg.new_tokens)
 
                 return f
 
             with routing(model, pol), collecting(model) as stats, mod_stats(model) as ds:
                 with torch.no_grad():
-                    _decode_loop(model, start, cfg.new_tokens, ds)
+                    decode_loop(model, start, cfg.new_tokens, ds)
             ctx = cfg.decode_prompt + cfg.new_tokens
-            ffn_f, model_f = _ffn_and_model_fraction(model, stats, ds, ctx, True)
+            ffn_f, model_f = fractions(model, ctx, True, stats, ds)
             t = interleaved({"dense": decode(DENSE), "d2d": decode(pol)}, cfg.reps, cfg.warmup)
             tokens = b * cfg.new_tokens
             rows.append(
@@ -279,7 +240,7 @@ def model_bench(art, cfg: BenchConfig, policies, progress: Progress) -> list[dic
     return rows
 
 
-def _decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None) -> float:
+def decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None) -> float:
     """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
     of the n decode steps only. `dstats` (Mixture-of-Depths counts) keeps the decode steps'."""
     # the KV cache is `cache` in newer transformers, `past_key_values` before
@@ -312,22 +273,3 @@ def memory(art) -> dict:
         "ratio": total / max(1, total - added),
         "file_bytes": disk,
     }
-
-
-def bench(art, cfg: BenchConfig, progress: Progress = null_progress) -> dict:
-    moes = moe_layers(art.model)
-    if not moes and not mod_blocks(art.model):
-        raise D2DError(
-            "bench compares a converted model with its dense self: run d2d convert or d2d mod"
-        )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    art.model.float().eval()
-    policies = _policies(art, cfg)
-    out = {"machine": machine(), "config": asdict(cfg)}
-    moe_policies = [(n, p) for n, p in policies if p.get("depth") != "topk"]
-    out["layer"] = layer_bench(art, cfg, moe_policies, progress) if moes else None
-    out["model"] = model_bench(art, cfg, policies, progress) if cfg.model else []
-    out["memory"] = memory(art)
-    out["dense_ffn_macs_per_token"] = sum(dense_ffn_macs(art.model))
-    return out

@@ -1,0 +1,1 @@
+"""Measurements: quality, FLOPs, sparsity, sensitivity, time and memory of a model."""

@@ -1,0 +1,175 @@
+"""Sparse execution of a converted FFN on the CPU: only the selected experts are computed.
+
+A token-varying expert set makes thin, per-expert matrix products (16-64 rows) that eager
+PyTorch runs far below the speed of one dense product, so the selected work is done by a small
+C++ kernel (compiled on first use with torch's JIT extension builder, cached afterwards):
+
+1. `route` lists the (token, expert) pairs the mask selects, by token and by expert;
+   `pairs_in` computes each pair's pre-activations (gate and up projections together):
+   experts in parallel, each reading its own weight rows once per block of 4 of its tokens.
+   Unselected experts' weights are never read.
+2. the activation, the gate product and biases: in the kernel for SiLU, GELU (erf and tanh)
+   and ReLU (`ffn`, everything in one call), in PyTorch on the [pairs, expert_size] values for
+   any other activation (`sparse_ffn`);
+3. `pairs_out`: each expert adds its down-projection rows (w_out is stored [f, d], so an
+   expert's block is contiguous and stays in cache) into its tokens' outputs: experts in
+   parallel, each thread into its own copy of the output, summed at the end.
+
+The result equals the masked dense computation up to float summation order (tests assert it).
+Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes),
+the caller falls back to the masked dense path. On a GPU, `grouped_ffn` runs the selected
+experts with one product per used expert in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+# the C++ source lies beside this module; torch rebuilds the extension when it changes
+_SOURCE_FILE = Path(__file__).with_name("kernels.cpp")
+
+_lock = threading.Lock()
+_module = None
+_failed: str | None = None
+
+
+def load():
+    """The compiled kernels, or None where they cannot be built (the reason in `why_not`)."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    if os.environ.get("D2D_NO_KERNELS"):
+        _failed = "disabled by D2D_NO_KERNELS"
+        return None
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                _module = load_inline(
+                    name="d2d_moe_cpu",  # torch rebuilds when the source changes
+                    cpp_sources=[_SOURCE_FILE.read_text()],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # no compiler, no ninja, an odd platform: fall back
+                _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+    return _module
+
+
+def why_not() -> str | None:
+    load()
+    return _failed
+
+
+def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+    )
+
+
+# activation modules the fused kernel computes itself (transformers' and torch's names)
+_ACT_CODES = {
+    "SiLU": 0,
+    "SiLUActivation": 0,
+    "GELUActivation": 1,
+    "NewGELUActivation": 2,
+    "GELUTanh": 2,
+    "PytorchGELUTanh": 2,
+    "ReLU": 3,
+}
+
+
+def act_code(act) -> int:
+    """The fused kernel's code for an activation module, or -1 (then PyTorch applies it)."""
+    name = type(act).__name__
+    if name == "GELU":
+        return 2 if getattr(act, "approximate", "none") == "tanh" else 1
+    return _ACT_CODES.get(name, -1)  # transformers' GELUActivation is the erf GELU either way
+
+
+def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
+    """The whole sparse FFN in one kernel call, or None when more than `max_fraction` of the
+    (token, expert) pairs are selected or the activation is not one the kernel knows."""
+    code = act_code(moe.act)
+    if code < 0:
+        return None
+    y = load().ffn(
+        x.contiguous(),
+        mask.contiguous(),
+        moe.w_in,
+        _EMPTY if moe.b_in is None else moe.b_in,
+        moe.w_gate if moe.gated else _EMPTY,
+        _EMPTY if moe.b_gate is None else moe.b_gate,
+        moe.w_out,
+        _EMPTY if moe.b_out is None else moe.b_out,
+        moe.expert_size,
+        code,
+        int(max_fraction * mask.numel()),
+    )
+    return y if y.numel() or x.shape[0] == 0 else None
+
+
+def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MoE FFN on x [N, d] running only the experts in mask [N, E]; returns [N, d]."""
+    k = load()
+    E, s = moe.n_experts, moe.expert_size
+    x = x.contiguous()
+    ex, tok, pos, off = k.route(mask.contiguous())
+    pairs = ex.numel()
+    up = torch.empty(pairs, s)
+    gate = torch.empty(pairs, s) if moe.gated else _EMPTY
+    k.pairs_in(x, moe.w_in, moe.w_gate if moe.gated else _EMPTY, tok, pos, off, up, gate, s)
+    if moe.b_in is not None:
+        up += moe.b_in.view(E, s)[ex]
+    if moe.gated:
+        if moe.b_gate is not None:
+            gate += moe.b_gate.view(E, s)[ex]
+        h = moe.act(gate).mul_(up)
+    else:
+        h = moe.act(up)
+    y = k.pairs_out(h.contiguous(), moe.w_out, tok, pos, off, x.shape[0], s)
+    if moe.b_out is not None:
+        y += moe.b_out
+    return y
+
+
+_EMPTY = torch.empty(0)
+
+
+def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same computation in plain PyTorch, on any device (the GPU path): tokens sorted by
+    expert, one product per used expert on its own weight slices, results added back per
+    token. Only the used experts' weights are read."""
+    E, s = moe.n_experts, moe.expert_size
+    tok, ex = mask.nonzero(as_tuple=True)
+    order = torch.argsort(ex, stable=True)
+    tok_e = tok[order]
+    counts = torch.bincount(ex, minlength=E).tolist()
+    xs = x.index_select(0, tok_e)
+    ys = torch.empty(len(tok_e), moe.d_model, dtype=x.dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = slice(e * s, (e + 1) * s)
+        seg = xs[start : start + c]
+        b_in = None if moe.b_in is None else moe.b_in[rows]
+        up = torch.nn.functional.linear(seg, moe.w_in[rows], b_in)
+        if moe.gated:
+            b_gate = None if moe.b_gate is None else moe.b_gate[rows]
+            h = moe.act(torch.nn.functional.linear(seg, moe.w_gate[rows], b_gate)) * up
+        else:
+            h = moe.act(up)
+        ys[start : start + c] = h @ moe.w_out[rows]
+        start += c
+    y = torch.zeros_like(x).index_add_(0, tok_e, ys)
+    return y if moe.b_out is None else y + moe.b_out

@@ -1,0 +1,275 @@
+"""`calibrate`: sweep the routing, measure cost and quality, pick the operating point.
+
+Rules calibrated side by side on the calibration split:
+
+* global tau: one dynamic-k threshold for every layer (D2DMoE's rule);
+* per-layer rules (tau, absolute threshold, top-k; d2d.nn.policy): a value per layer,
+  allocated where it costs least for each FFN FLOPs budget from one sensitivity pass
+  (d2d.measure.sensitivity); every allocation is measured for real before it can be chosen.
+
+Optionally the first `dense_sink` positions of each sequence run every expert: on decoder LMs
+the first token is an attention sink whose FFN output is large and easily damaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from d2d.errors import D2DError
+from d2d.options import parse_budgets, parse_taus
+from d2d.progress import Progress, null_progress
+from d2d.stages.base import SampleFields, Stage, Table, change, pct
+
+DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
+DEFAULT_BUDGETS = "0.95,0.9,0.85,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
+DEFAULT_MAX_DROP = 0.02
+# a per-layer allocation for budget b measures within about a point of b: --target-flops t
+# accepts measured points up to t + TARGET_SLACK
+TARGET_SLACK = 0.01
+
+
+def parse_rules(spec: str) -> list[str]:
+    from d2d.nn.policy import LAYER_RULES
+
+    rules = [r.strip() for r in str(spec).split(",") if r.strip()]
+    bad = [r for r in rules if r not in LAYER_RULES]
+    if bad or not rules:
+        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(LAYER_RULES)}")
+    return rules
+
+
+@dataclass
+class CalibrateConfig(SampleFields):
+    seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    taus: str = field(
+        default=DEFAULT_TAUS,
+        metadata={
+            "help": "Global taus to sweep: one value or a comma list (--taus: the same).",
+            "flag": "tau",
+        },
+    )
+    target_flops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the best quality at <= this FFN FLOPs fraction (measured points "
+            f"within +{TARGET_SLACK:g} count: per-layer allocations land about there)."
+        },
+    )
+    max_quality_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%). "
+            f"Default when no target is given: {DEFAULT_MAX_DROP:g}."
+        },
+    )
+    per_layer: bool = field(
+        default=True, metadata={"help": "Also calibrate per-layer rules (allocated budgets)."}
+    )
+    layer_rules: str = field(
+        default="tau,threshold,topk",
+        metadata={
+            "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
+            "norm), topk (fixed k per layer)."
+        },
+    )
+    budgets: str = field(
+        default=DEFAULT_BUDGETS,
+        metadata={"help": "FFN FLOPs budgets of the per-layer rules, comma-separated."},
+    )
+    dense_sink: int = field(
+        default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
+    )
+    sensitivity_tokens: int = field(
+        default=2048, metadata={"help": "Tokens for the per-layer sensitivity pass."}
+    )
+
+    def __post_init__(self):
+        parse_taus(self.taus)
+        parse_rules(self.layer_rules)
+        parse_budgets(self.budgets)
+        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
+            raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
+        if self.max_quality_drop is not None and self.max_quality_drop < 0:
+            raise D2DError(f"max-quality-drop must be >= 0, got {self.max_quality_drop}")
+        if self.target_flops is not None and self.max_quality_drop is not None:
+            raise D2DError("give --target-flops or --max-quality-drop, not both")
+        if self.dense_sink < 0:
+            raise D2DError("dense-sink must be >= 0, seq-len >= 2 and tokens >= 1")
+        super().__post_init__()
+
+
+def _row(rule: str, policy: dict, m, dense_q: float, metric: str) -> dict:
+    from d2d.measure.evaluate import quality_drop
+
+    return {
+        "rule": rule,
+        "policy": policy,
+        "ffn_fraction": m.ffn_fraction,
+        "model_fraction": m.model_fraction,
+        "quality": m.quality,
+        "drop": quality_drop(metric, m.quality, dense_q),
+        "layer_fractions": m.layer_fractions,
+    }
+
+
+def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
+    """The chosen row: best quality within --target-flops, else fewest FLOPs within the drop."""
+    if cfg.target_flops is not None:
+        limit = cfg.target_flops + TARGET_SLACK
+        ok = [j for j, r in enumerate(rows) if r["ffn_fraction"] <= limit]
+        if not ok:
+            raise D2DError(
+                f"no calibrated point reaches {cfg.target_flops:.0%} of the FFN FLOPs: "
+                "add larger taus to --tau or raise --target-flops"
+            )
+        return min(ok, key=lambda j: rows[j]["drop"])
+    limit = DEFAULT_MAX_DROP if cfg.max_quality_drop is None else cfg.max_quality_drop
+    ok = [j for j, r in enumerate(rows) if r["drop"] <= limit]
+    return min(ok, key=lambda j: (rows[j]["ffn_fraction"], rows[j]["drop"]))
+
+
+def sweep(
+    model, ev, cfg: CalibrateConfig, progress: Progress = null_progress, scores: str = "router"
+):
+    """Measure the dense model, every global tau and every per-layer allocation on `ev`.
+    Returns (rows, measurements) in the same order; `scores="oracle"` ranks experts by their
+    true output norms instead of the routers' predictions (the ceiling of a rule)."""
+    from d2d.measure.sensitivity import allocate, layer_sensitivity
+    from d2d.nn.policy import ALL, layer_policy
+
+    dense = ev.measure(model, ALL, progress, "dense reference")
+    rows = [_row("dense", {"rule": "all"}, dense, dense.quality, ev.metric)]
+    measured = [dense]
+    sink = cfg.dense_sink
+    extra = {} if scores == "router" else {"scores": scores}
+    taus = parse_taus(cfg.taus)
+    for j, tau in enumerate(taus):
+        pol = {"rule": "tau", "tau": tau, "dense_positions": sink, **extra}
+        measured.append(ev.measure(model, pol))
+        rows.append(_row("global-tau", pol, measured[-1], dense.quality, ev.metric))
+        progress("global tau sweep", j + 1, len(taus), tau=tau)
+    if cfg.per_layer:
+        sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed, scores)
+        budgets = set(parse_budgets(cfg.budgets))
+        if cfg.target_flops:
+            budgets.add(cfg.target_flops)
+        budgets = sorted(budgets, reverse=True)
+        for rule in parse_rules(cfg.layer_rules):
+            table = sens.table(rule)
+            for j, b in enumerate(budgets):
+                pol = layer_policy(rule, allocate(table, b), sink, **extra)
+                measured.append(ev.measure(model, pol))
+                row = _row(f"per-layer-{rule}", pol, measured[-1], dense.quality, ev.metric)
+                row["budget"] = b
+                rows.append(row)
+                progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
+    return rows, measured
+
+
+def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_progress) -> dict:
+    """Sweep on the calibration split; returns the calibration record (table + choice)."""
+    from d2d.measure.evaluate import Evaluator
+    from d2d.nn.structure import moe_layers
+
+    moes = moe_layers(model)
+    if not moes or any(m.router is None for m in moes.values()):
+        raise D2DError("calibrate needs routers: run d2d train-routers first")
+    ev = Evaluator.of(model, tokenizer, cfg, "calib")
+    rows, measured = sweep(model, ev, cfg, progress)
+    pick = choose(rows, cfg)
+    return {
+        "split": "calib",
+        "tokens": ev.tokens,
+        "metric": ev.metric,
+        "dense_quality": rows[0]["quality"],
+        "rows": rows,
+        "choice": pick,
+        # how often each expert ran, and how many experts each token ran, at the choice
+        "usage": measured[pick].usage,
+        "k_hist": measured[pick].k_hist,
+        "config": asdict(cfg),
+    }
+
+
+def run(art, cfg: CalibrateConfig, progress):
+    from d2d.nn.routing import apply_routing
+
+    record = calibrate(art.model, art.tokenizer, cfg, progress)
+    chosen = record["rows"][record["choice"]]
+    art.meta["calibration"] = record
+    art.meta["routing"] = chosen["policy"]
+    apply_routing(art.model, chosen["policy"])
+    metrics = {k: chosen[k] for k in ("rule", "ffn_fraction", "model_fraction", "quality", "drop")}
+    metrics["metric"] = record["metric"]
+    metrics["dense_quality"] = record["dense_quality"]
+    return metrics, {}
+
+
+def summary(record: dict) -> str:
+    m = record["metrics"]
+    return (
+        f"{m['rule']}: {m['ffn_fraction']:.1%} FFN / {m['model_fraction']:.1%} model "
+        f"FLOPs, {m['metric']} {m['quality']:.4g} (dense {m['dense_quality']:.4g})"
+    )
+
+
+def calibration_table(cal: dict, title: str = "calibration") -> Table:
+    """Rows: routing (per-layer rules @ their FLOPs budget), FLOPs fractions, quality."""
+    from d2d.nn.policy import row_label
+
+    t = Table(
+        f"{title}; FLOPs as a fraction of dense",
+        ["", "routing", "FFN", "model", cal["metric"], "change"],
+        left=("", "routing"),
+    )
+    for j, r in enumerate(cal["rows"]):
+        chosen = j == cal.get("choice")
+        t.add(
+            "->" if chosen else "",
+            row_label(r),
+            pct(r["ffn_fraction"]),
+            pct(r["model_fraction"]),
+            f"{r['quality']:.4g}",
+            change(r["drop"]),
+            style="chosen" if chosen else None,
+        )
+    return t
+
+
+def view(record) -> list:
+    m = record["metrics"]
+    cal = (record.meta or {}).get("calibration")
+    out = [calibration_table(cal, f"calibration ({cal['tokens']} tokens)")] if cal else []
+    out.append(
+        f"calibrate: chose {m['rule']} at {pct(m['ffn_fraction'])} of FFN FLOPs, "
+        f"{m['metric']} {m['quality']:.4g} (dense {m['dense_quality']:.4g}, "
+        f"{100 * m['drop']:+.2f}%)"
+    )
+    return out
+
+
+def about(meta: dict) -> dict | None:
+    """inspect's "calibration" facts (the table without per-layer details)."""
+    cal = meta.get("calibration")
+    if not cal:
+        return None
+    facts = {k: cal.get(k) for k in ("split", "tokens", "metric", "dense_quality", "choice")}
+    facts["rows"] = [
+        {k: r.get(k) for k in ("rule", "policy", "ffn_fraction", "model_fraction", "quality")}
+        | ({"budget": r["budget"]} if "budget" in r else {})
+        | {"drop": r.get("drop")}
+        for r in cal.get("rows", [])
+    ]
+    return {"calibration": facts}
+
+
+STAGE = Stage(
+    "calibrate",
+    CalibrateConfig,
+    run,
+    help="Sweep tau, measure FLOPs and quality, choose the operating point.",
+    requires=("convert", "train-routers"),
+    summary=summary,
+    view=view,
+    about=about,
+)

@@ -1,0 +1,172 @@
+"""`convert`: split every FFN into equal-size experts (structure only, same function).
+
+Neurons are grouped by balanced k-means on their gate (or up) projection rows; each expert owns
+a contiguous block of the permuted FFN, so executing every expert is the dense FFN exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2d.errors import D2DError
+from d2d.options import parse_layers
+from d2d.progress import Progress, null_progress
+from d2d.stages.base import Stage
+
+
+@dataclass
+class ConvertConfig:
+    n_experts: int | None = field(
+        default=None, metadata={"help": "Experts per FFN (must divide the FFN width)."}
+    )
+    expert_size: int = field(
+        default=16, metadata={"help": "Neurons per expert, used when n_experts is not given."}
+    )
+    layers: str = field(
+        default="all", metadata={"help": "Layers to convert: 'all' or a list like '0-5,8'."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
+
+    def __post_init__(self):
+        if self.n_experts is not None and self.n_experts < 1:
+            raise D2DError(f"n_experts must be >= 1, got {self.n_experts}")
+        if self.expert_size < 1:
+            raise D2DError(f"expert_size must be >= 1, got {self.expert_size}")
+        parse_layers(self.layers, 10**6)  # syntax check
+
+
+def resolve_n_experts(ffn_width: int, cfg: ConvertConfig) -> int:
+    f = ffn_width
+    if cfg.n_experts is not None:
+        n = cfg.n_experts
+    else:
+        if f % cfg.expert_size:
+            raise D2DError(
+                f"expert size {cfg.expert_size} does not divide the FFN width {f}: "
+                f"choose a divisor of {f}"
+            )
+        n = f // cfg.expert_size
+    if f % n:
+        raise D2DError(f"{n} experts do not divide the FFN width {f}: choose a divisor of {f}")
+    return n
+
+
+def convert(model, cfg: ConvertConfig, progress: Progress = null_progress) -> dict:
+    """Split the FFNs of `model` in place. Returns the structure to record in the lineage."""
+    import torch
+
+    from d2d import arch
+    from d2d.cluster import balanced_kmeans, permutation_from_labels
+    from d2d.nn.structure import build_structure, moe_layers
+
+    if moe_layers(model):
+        raise D2DError("this model is already converted: convert the dense model instead")
+    fam = arch.detect(model)
+    blocks = arch.blocks(model, fam)
+    layers = parse_layers(cfg.layers, len(blocks))
+    n_experts = resolve_n_experts(arch.read_ffn(blocks[0], fam).w_in.shape[0], cfg)
+    made = build_structure(model, layers, n_experts)
+    with torch.no_grad():
+        for j, (i, (moe, w)) in enumerate(made.items()):
+            keys = (w.w_gate if w.w_gate is not None else w.w_in).float().cpu().numpy()
+            labels = balanced_kmeans(keys, n_experts, seed=cfg.seed + i)
+            perm = torch.from_numpy(permutation_from_labels(labels)).to(w.w_in.device)
+            moe.w_in.copy_(w.w_in[perm])
+            moe.w_out.copy_(w.w_out[:, perm].t())
+            if moe.w_gate is not None:
+                moe.w_gate.copy_(w.w_gate[perm])
+            if moe.b_in is not None:
+                moe.b_in.copy_(w.b_in[perm])
+            if moe.b_gate is not None:
+                moe.b_gate.copy_(w.b_gate[perm])
+            if moe.b_out is not None:
+                moe.b_out.copy_(w.b_out)
+            moe.perm.copy_(perm)
+            progress("clustering FFN neurons", j + 1, len(made))
+    return {"layers": layers, "n_experts": n_experts, "expert_size": moe.expert_size}
+
+
+def run(art, cfg: ConvertConfig, progress):
+    structure = convert(art.model, cfg, progress)
+    metrics = {
+        "converted_layers": len(structure["layers"]),
+        "n_experts": structure["n_experts"],
+        "expert_size": structure["expert_size"],
+    }
+    return metrics, structure
+
+
+def replay(model, structure: dict) -> None:
+    from d2d.nn.structure import build_structure
+
+    build_structure(model, structure["layers"], structure["n_experts"])
+
+
+def summary(record: dict) -> str:
+    m = record["metrics"]
+    return (
+        f"{m['converted_layers']} layers x {m['n_experts']} experts of {m['expert_size']} neurons"
+    )
+
+
+def view(record: dict) -> list:
+    m = record["metrics"]
+    return [
+        f"convert: {m['converted_layers']} layers, {m['n_experts']} experts "
+        f"of {m['expert_size']} neurons each"
+    ]
+
+
+def about(meta: dict) -> dict | None:
+    """inspect's "moe" facts: converted layers, experts, routers."""
+    from d2d.lineage import last_stage
+
+    convert = last_stage(meta, "convert")
+    if convert is None:
+        return None
+    st = convert.get("structure") or {}
+    routers = last_stage(meta, "train-routers")
+    return {
+        "moe": {
+            "layers": st.get("layers"),
+            "n_experts": st.get("n_experts"),
+            "expert_size": (convert.get("metrics") or {}).get("expert_size"),
+            "routers": None
+            if routers is None
+            else {
+                "hidden": (routers.get("structure") or {}).get("hidden"),
+                "mean_r2": (routers.get("metrics") or {}).get("mean_r2"),
+            },
+        }
+    }
+
+
+def about_lines(described: dict) -> list[str]:
+    if not described.get("moe"):
+        return []
+    moe, w = described["moe"], described["weights"]
+    r = moe["routers"]
+    if r is None:
+        routers = "none (run d2d train-routers)"
+    elif isinstance(r.get("mean_r2"), (int, float)):
+        routers = f"MLP hidden {r['hidden']}, mean held-out R^2 {r['mean_r2']:.3f}"
+    else:
+        routers = f"MLP hidden {r['hidden']}"
+    return [
+        f"  experts: {len(moe['layers'] or [])} layers x {moe['n_experts']} experts of "
+        f"{moe['expert_size']} neurons ({w['experts_parameters'] / 1e6:.2f}M parameters); "
+        f"routers: {routers} ({w['routers_parameters'] / 1e6:.3f}M parameters)"
+    ]
+
+
+STAGE = Stage(
+    "convert",
+    ConvertConfig,
+    run,
+    help="Split every FFN into equal-size experts (same function, new structure).",
+    replay=replay,
+    summary=summary,
+    view=view,
+    about=about,
+    about_lines=about_lines,
+)

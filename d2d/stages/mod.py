@@ -1,0 +1,276 @@
+"""`d2d mod`: insert Mixture-of-Depths routers (d2d.nn.depth) into a dense decoder and fine-tune
+them in.
+
+The model trains with its routers on the LM loss while the capacity of the routed blocks falls
+from 1.0 (the dense model, exactly) to its target over the first `anneal` of the steps; an
+auxiliary BCE loss trains the causal decision (the router's sign, or a small MLP predictor on
+stop-gradient inputs) to agree with top-k membership, which generation needs. The training
+loop is the one `sparsify` uses (d2d.train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2d.errors import D2DError
+from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct
+
+PREDICTORS = ("aux-loss", "mlp")
+
+
+@dataclass
+class ModConfig(TrainFields):
+    capacity: float = field(
+        default=0.125, metadata={"help": "Fraction of a sequence's tokens a routed block takes."}
+    )
+    every: int = field(
+        default=2, metadata={"help": "Route every N-th block (the 2nd, 4th, ... for 2)."}
+    )
+    layers: str = field(
+        default="", metadata={"help": "Blocks to route instead, e.g. '1,3,5' (not block 0)."}
+    )
+    sink: int = field(
+        default=1,
+        metadata={"help": "Leading positions every routed block processes (attention sink)."},
+    )
+    anneal: float = field(
+        default=0.3,
+        metadata={"help": "Fraction of the steps over which capacity falls from 1.0 to its value."},
+    )
+    predictor: str = field(
+        default="mlp",
+        metadata={
+            "help": "Causal decision for generation: aux-loss (BCE on the router) or mlp (a "
+            "small predictor on stop-gradient inputs)."
+        },
+    )
+    aux_weight: float = field(
+        default=0.1, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
+    )
+    router_lr: float = field(
+        default=2e-3,
+        metadata={
+            "help": "Peak learning rate of the new routers and predictors (the model's own "
+            "weights use --lr)."
+        },
+    )
+
+    def __post_init__(self):
+        if not 0.0 < self.capacity <= 1.0:
+            raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
+        at_least(self, 1, "every")
+        at_least(self, 0, "sink", "aux_weight")
+        if not 0.0 <= self.anneal <= 1.0:
+            raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
+        one_of("predictor", self.predictor, PREDICTORS)
+        if not self.router_lr > 0:
+            raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
+        super().__post_init__()
+
+    def capacity_at(self, step: int) -> float:
+        """Capacity for optimizer step `step`: linear from 1.0 to `capacity` over the first
+        `anneal` of the steps, so that the dense model is not shocked."""
+        span = self.anneal * self.steps
+        if span <= 0 or step >= span:
+            return self.capacity
+        return 1.0 - (1.0 - self.capacity) * step / span
+
+
+class ModTask:
+    """The training loop's task: LM loss at the annealed capacity, plus the decision's BCE."""
+
+    def __init__(self, blocks: dict, ids, cfg: ModConfig, evaluate_fn):
+        self.ids, self.cfg, self.evaluate_fn = ids, cfg, evaluate_fn
+        self.blocks = blocks
+        self.n_examples = len(ids)
+
+    def new_parameters(self):
+        """The routers and predictors: new, so they train at their own learning rate."""
+        params = [
+            p
+            for b in self.blocks.values()
+            for m in (b.router, b.predictor)
+            if m is not None
+            for p in m.parameters()
+        ]
+        return params, self.cfg.router_lr
+
+    def batch(self, indices) -> dict:
+        return {"input_ids": self.ids[indices]}
+
+    def loss(self, model, batch: dict, step: int):
+        import torch
+        import torch.nn.functional as F
+
+        cap = self.cfg.capacity_at(step)
+        for b in self.blocks.values():
+            b.mode, b.capacity = "topk", cap
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids).logits[:, :-1]
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        aux = torch.stack(
+            [
+                F.binary_cross_entropy_with_logits(
+                    b.last_causal[b.last_real].float(), b.last_choice[b.last_real].float()
+                )
+                for b in self.blocks.values()
+            ]
+        ).mean()
+        logs = {"lm": float(lm.detach()), "aux": float(aux.detach()), "capacity": cap}
+        return lm + self.cfg.aux_weight * aux, logs
+
+    def evaluate(self, model) -> dict:
+        return self.evaluate_fn(model)
+
+
+def depth_row(m) -> dict:
+    """A measurement's Mixture-of-Depths summary: perplexity, FLOPs, processed fractions."""
+    return {
+        "perplexity": m.quality,
+        "model_fraction": m.model_fraction,
+        "ffn_fraction": m.ffn_fraction,
+        **m.depth,
+    }
+
+
+def run(art, cfg: ModConfig, progress, out=None):
+    """Insert routers into art.model and fine-tune. Returns (metrics, structure)."""
+    import torch
+
+    from d2d import arch
+    from d2d.data import lm_windows
+    from d2d.dist import is_main_process
+    from d2d.measure.evaluate import Evaluator
+    from d2d.models import task_of
+    from d2d.nn.depth import insert_mod, mod_blocks, routed_layers, set_mode
+    from d2d.train import train_stage
+
+    model = art.model
+    if task_of(model) != "causal-lm":
+        raise D2DError("Mixture-of-Depths is for decoder LMs: give a causal language model")
+    if mod_blocks(model):
+        raise D2DError("this model already has Mixture-of-Depths routers")
+    n_layers = len(arch.blocks(model, arch.detect(model)))
+    layers = routed_layers(n_layers, cfg.every, cfg.layers or None)
+    if not layers:
+        raise D2DError("no block to route: use --every or --layers to pick some")
+    ev = Evaluator.of(model, art.tokenizer, cfg, "heldout", cfg.eval_tokens)
+
+    def evaluate(m) -> dict:
+        set_mode(m, "causal", cfg.capacity)
+        return {mode: depth_row(ev.measure(m, {"depth": mode})) for mode in ("topk", "causal")}
+
+    dense = ev.measure(model, {"rule": "all"}).quality if is_main_process() else None
+    torch.manual_seed(cfg.seed)
+    insert_mod(model, layers, 1.0, cfg.sink)
+    hidden = None
+    if cfg.predictor == "mlp":
+        hidden = max(16, model.config.hidden_size // 8)
+        for b in mod_blocks(model).values():
+            b.add_predictor(hidden)
+    ids = lm_windows(art.tokenizer, corpus_of(cfg).split("train", cfg.seed), cfg.seq_len, None)
+    task = ModTask(mod_blocks(model), ids, cfg, evaluate)
+    result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
+    set_mode(model, "causal", cfg.capacity)
+    structure = {
+        "layers": layers,
+        "capacity": cfg.capacity,
+        "sink": cfg.sink,
+        "predictor": cfg.predictor,
+        "hidden": hidden,
+    }
+    if not is_main_process():
+        return {"history": result.history[-1:]}, structure
+    after = result.evals[-1]
+    metrics = {
+        "metric": "perplexity",
+        "dense_perplexity": dense,
+        "routed_layers": layers,
+        "capacity": cfg.capacity,
+        "topk": after["topk"],
+        "causal": after["causal"],
+        "evals": result.evals,
+        "history": result.history[:: max(1, len(result.history) // 200)],
+        "resumed_from": result.resumed_from,
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+    }
+    return metrics, structure
+
+
+def replay(model, structure: dict) -> None:
+    from d2d.nn.depth import insert_mod, set_mode
+
+    blocks = insert_mod(model, structure["layers"], structure["capacity"], structure.get("sink", 0))
+    if structure.get("predictor") == "mlp":
+        for b in blocks.values():
+            b.add_predictor(structure["hidden"])
+    set_mode(model, "causal")  # generation needs the causal decision
+
+
+def summary(record: dict) -> str:
+    m, st = record["metrics"], record.get("structure") or {}
+    tk, ca = m["topk"], m["causal"]
+    return (
+        f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}); "
+        f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
+        f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
+    )
+
+
+def view(record: dict) -> list:
+    m = record["metrics"]
+    t = Table(
+        f"held-out perplexity, capacity {m['capacity']:g} on blocks "
+        f"{','.join(str(i) for i in m['routed_layers'])}",
+        ["routing", "perplexity", "blocks run", "routed blocks run", "model FLOPs"]
+        + ["causal accuracy"],
+    )
+    t.add("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "100.0%", "")
+    for mode, name in (("topk", "top-k"), ("causal", "causal predictor")):
+        r = m[mode]
+        acc = r.get("predictor_accuracy")
+        t.add(
+            name,
+            f"{r['perplexity']:.4g}",
+            pct(r["block_fraction"]),
+            pct(r["routed_block_fraction"]),
+            pct(r["model_fraction"]) if "model_fraction" in r else "",
+            "" if acc is None else pct(acc),
+        )
+    return [t]
+
+
+def about(meta: dict) -> dict | None:
+    from d2d.lineage import last_stage
+
+    mod = last_stage(meta, "mod")
+    if mod is None:
+        return None
+    st = mod.get("structure") or {}
+    return {"mod": {k: st.get(k) for k in ("layers", "capacity", "sink", "predictor", "hidden")}}
+
+
+def about_lines(described: dict) -> list[str]:
+    if not described.get("mod"):
+        return []
+    mod = described["mod"]
+    pred = "MLP predictor" if mod["predictor"] == "mlp" else "the router's sign"
+    return [
+        f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
+        f"at capacity {mod['capacity']:g} (top-k), sink {mod.get('sink') or 0}; generation "
+        f"decides causally ({pred})"
+    ]
+
+
+STAGE = Stage(
+    "mod",
+    ModConfig,
+    run,
+    help="Mixture-of-Depths: insert block routers into a decoder and fine-tune them in.",
+    takes_out=True,
+    replay=replay,
+    summary=summary,
+    view=view,
+    about=about,
+    about_lines=about_lines,
+)
