@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from d2d_cli.render import RichProgress, console, err_console, print_record
+from d2d_cli.render import RichProgress, console, err_console, print_inspect, print_record
+
+from d2d.dist import is_main_process
+from d2d.errors import D2DError
+from d2d.io import write_json_atomic
+from d2d.stages import STAGES, make_config, run_stage
+
+# d2d.recipe, d2d.inspect and d2d.report import torch: they are imported inside the commands
+# that use them, so that `d2d --help` stays fast (tests/test_layers.py proves it)
 
 app = typer.Typer(
     name="d2d",
@@ -32,8 +40,6 @@ def handled(debug: bool):
     Ctrl-C exits 130 (128 + SIGINT) after the stage's atomic write has removed its temporary
     output; the yielded dict's "kept" names what deliberately stays (checkpoints)."""
     import signal
-
-    from d2d.errors import D2DError
 
     def terminated(signum, frame):  # a scheduler's SIGTERM: clean up as for Ctrl-C
         raise KeyboardInterrupt
@@ -79,8 +85,6 @@ def _option_type(tp):
 
 
 def _stage_command(name: str):
-    from d2d.stages import STAGES
-
     spec = STAGES[name]
     hints = typing.get_type_hints(spec.config_cls)
 
@@ -144,17 +148,12 @@ def _stage_command(name: str):
     params.append(opt("debug", bool, typer.Option(False, "--debug", help="Show tracebacks.")))
 
     def command(**kw):
-        from d2d.io import write_json_atomic
-        from d2d.stages import make_config, run_stage
-
         debug = kw.pop("debug")
         trust = kw.pop("trust_remote_code")
         inp = kw.pop("input")
         out = kw.pop("out", None)
         overwrite = kw.pop("overwrite", False)
         json_out = kw.pop("json_out", None)
-        from d2d.dist import is_main_process
-
         with handled(debug) as state:
             cfg = make_config(name, kw)
             if out is not None and getattr(cfg, "checkpoint_every", 0):
@@ -176,8 +175,6 @@ def _stage_command(name: str):
 
 
 def _register():
-    from d2d.stages import STAGES
-
     for name in STAGES:
         app.command(name)(_stage_command(name))
 
@@ -222,10 +219,7 @@ def inspect_cmd(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ):
     """What an artifact is: base model, stages, experts, routers, routing, calibration, size."""
-    from d2d_cli.render import print_inspect
-
     from d2d.inspect import describe_folder
-    from d2d.io import write_json_atomic
 
     with handled(debug):
         d = describe_folder(artifact)

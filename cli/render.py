@@ -9,7 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
+from d2d.stages import STAGES
 from d2d.stages.base import Table
+from d2d.stages.calibrate import calibration_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -89,8 +91,6 @@ def show(items: list) -> None:
 
 
 def print_record(stage: str, rec: dict, out) -> None:
-    from d2d.stages import STAGES
-
     show(STAGES[stage].view(rec))
     where = f" -> {out}" if out and STAGES[stage].writes_artifact else ""
     console.print(
@@ -109,9 +109,7 @@ def _size(n: float) -> str:
 
 def print_inspect(d: dict) -> None:
     """The terminal view of `d2d inspect`: what the artifact is, how it was made, its routing."""
-    from d2d.nn.policy import label
-    from d2d.stages import STAGES
-    from d2d.stages.calibrate import calibration_table
+    from d2d.nn.policy import label  # torch: only when inspecting
 
     m, w = d["model"], d["weights"]
     kind = "d2d artifact" if d["artifact"] else "model folder (not a d2d artifact)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,43 @@ class Loaded:
     source: str
 
 
+def _quiet_gguf_reader():
+    """Silence the tqdm bar transformers' GGUF reader draws outside its logging switches (it
+    would land in the middle of d2d's output); returns the undo."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF support installed: nothing draws
+        return lambda: None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        return lambda: None
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+
+    def undo():
+        gguf_utils.tqdm = bar
+
+    return undo
+
+
+def size_mismatch(path: Path, spec: str, cls, config) -> str:
+    """Which tensor of a folder's weights has another shape than its config.json gives."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in cls.from_config(config).state_dict().items()}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                got = tuple(st.get_slice(k).get_shape())
+                name = next((n for n in (k, k.split(".", 1)[-1]) if n in want), None)
+                if name is not None and want[name] != got:
+                    return (
+                        f"{spec}: {k} is {list(got)} in {f.name} but config.json makes it "
+                        f"{list(want[name])}: restore config.json to match the weights"
+                    )
+    return f"{spec}: the weights' shapes disagree with config.json: restore config.json"
+
+
 def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
     """Load a dense model (fp32) and its tokenizer; never from the network."""
     import transformers
@@ -123,6 +161,7 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # d2d draws its own progress
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet = _quiet_gguf_reader()
     try:
         config = AutoConfig.from_pretrained(path, **kw)
         archs = getattr(config, "architectures", None)
@@ -132,11 +171,17 @@ def load_base(spec: str, trust_remote_code: bool = False) -> Loaded:
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except D2DError:
         raise
+    except RuntimeError as e:  # transformers: "You set `ignore_mismatched_sizes` to `False`"
+        if isinstance(path, Path) and "mismatched" in str(e):
+            raise D2DError(size_mismatch(path, spec, cls, config)) from e
+        raise
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise D2DError(
             f"could not load model {spec} ({first}): check that its files are complete"
         ) from e
+    finally:
+        quiet()
     if getattr(model.config, "quantization_config", None) is not None and gguf:
         # the GGUF weights were dequantised to fp32: the saved config must not claim otherwise
         del model.config.quantization_config

@@ -25,7 +25,9 @@ from d2d.artifact import META, read_meta
 from d2d.errors import D2DError
 from d2d.io import write_json_atomic, write_text_atomic
 from d2d.progress import Progress, null_progress
+from d2d.report import build_report
 from d2d.stages import STAGES, make_config, run_stage
+from d2d.train import latest_checkpoint
 
 
 def _coerce(value: str):
@@ -139,8 +141,6 @@ def run_recipe(
         if target is not None:
             current = str(target)
     if r.get("report") and current != r["model"]:  # the last artifact, as a page to look at
-        from d2d.report import build_report
-
         rep = build_report(current, out / "report", overwrite=True, progress=progress)
         records.append({"stage": "report", **rep})
         if on_stage:
@@ -149,8 +149,6 @@ def run_recipe(
 
 
 def _has_checkpoint(cfg, target: Path) -> bool:
-    from d2d.train import latest_checkpoint  # torch: only where a stage can resume
-
     if not getattr(cfg, "checkpoint_every", 0) or not hasattr(cfg, "checkpoints"):
         return False
     return latest_checkpoint(Path(cfg.checkpoints(target))) is not None

@@ -22,10 +22,15 @@ import torch
 
 from d2d import __version__
 from d2d.artifact import read_meta
+from d2d.data import lm_windows, load_corpus
 from d2d.errors import D2DError
 from d2d.inspect import describe_folder
 from d2d.io import atomic_dir
 from d2d.lineage import last_stage
+from d2d.measure.evaluate import Evaluator
+from d2d.nn.depth import depth_mode, mod_blocks
+from d2d.nn.policy import global_tau
+from d2d.nn.policy import label as policy_label
 from d2d.options import parse_taus
 from d2d.progress import Progress, null_progress
 from d2d.stages import load_artifact
@@ -46,8 +51,6 @@ MAP_TOKENS = 96  # tokens shown in the routing map
 def measure_routing_map(path: Path, meta: dict, data: str | None) -> dict:
     """Which tokens each routed block processes, under top-k and under the causal decision,
     for the first window of the held-out split (the window length the routers trained on)."""
-    from d2d.data import lm_windows, load_corpus
-    from d2d.nn.depth import depth_mode, mod_blocks
 
     cfg = last_stage(meta, "mod")["config"]
     data = data or cfg.get("data")
@@ -113,8 +116,6 @@ def measure_usage(
     progress: Progress = null_progress,
 ) -> dict:
     """Run the artifact on the calibration split and count which experts each token runs."""
-    from d2d.measure.evaluate import Evaluator
-    from d2d.nn.policy import global_tau
 
     cal, routers = last_stage(meta, "calibrate"), last_stage(meta, "train-routers")
     if routers is None:
@@ -319,9 +320,7 @@ def _pct(x) -> str:
 
 
 def _policy_text(p: dict | None) -> str:
-    from d2d.nn.policy import label
-
-    text = label(p)
+    text = policy_label(p)
     return "global " + text if text.startswith("tau") else text
 
 

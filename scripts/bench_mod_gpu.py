@@ -1,20 +1,19 @@
 """Mixture-of-Depths on a GPU: prefill and decode time of a SmolLM2-135M-shaped decoder (random
 weights: only shapes matter for time) with every other block routed, against the same model
-with every block on every token, in one run. Top-k prefill runs exactly the capacity's share;
-for decoding, each router is set so that about that share of tokens pass its causal decision
-(the measured share is printed).
+with every block on every token, interleaved in one run (d2d.measure.timing). Top-k prefill
+runs exactly the capacity's share; for decoding, each router is set so that about that share of
+tokens pass its causal decision (the measured share is printed).
 
     python scripts/bench_mod_gpu.py [--capacities 0.5,0.25,0.125] [--dtype bfloat16]
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from d2d.nn.depth import insert_mod, mod_stats, set_mode, summarise
+from d2d.measure.timing import decode_loop, interleaved, timer
+from d2d.nn.depth import depth_mode, insert_mod, mod_stats, set_mode, summarise
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -27,32 +26,6 @@ SMOLLM2_135M = dict(
     rope_theta=100000.0,
     tie_word_embeddings=True,
 )
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
-
-
-def decode(model, prompt, n):
-    out = model(input_ids=prompt, use_cache=True)
-    tok = out.logits[:, -1:].argmax(-1)
-    for _ in range(n):
-        out = model(input_ids=tok, use_cache=True, cache=out["cache"])
-        tok = out.logits[:, -1:].argmax(-1)
 
 
 def main() -> None:
@@ -76,13 +49,24 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {args.dtype}")
     print("| measure | capacity | blocks run | every block | routed | speed-up |")
     print("|---|---|---|---|---|---|")
+    dev = args.device
+
+    def prefill(mode, cap=None):
+        def run():
+            with depth_mode(model, mode, cap):
+                model(input_ids=ids, logits_to_keep=1)
+
+        return timer(run, dev)
+
+    def decode(mode, p):
+        def run(r):
+            with depth_mode(model, mode):
+                return decode_loop(model, p, args.new_tokens)
+
+        return run
+
+    batches = [int(v) for v in args.decode_batch.split(",")]
     with torch.no_grad():
-        set_mode(model, "dense")
-        t_dense = timed(lambda: model(input_ids=ids, logits_to_keep=1), args.reps)
-        dec_dense = {}
-        for b in [int(v) for v in args.decode_batch.split(",")]:
-            p = ids[:1, :32].expand(b, -1).contiguous()
-            dec_dense[b] = timed(lambda p=p: decode(model, p, args.new_tokens), args.reps, 1)
         for cap in [float(c) for c in args.capacities.split(",")]:
             g = torch.Generator(device=args.device).manual_seed(1)
             q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(cap)).item()
@@ -95,19 +79,24 @@ def main() -> None:
             with mod_stats(model) as st:
                 model(input_ids=ids, logits_to_keep=1)
             frac = summarise(st, n)["block_fraction"]
-            t = timed(lambda: model(input_ids=ids, logits_to_keep=1), args.reps)
-            print(f"| prefill {pb}x{pl}, top-k | {cap:g} | {frac:.1%} | {1e3 * t_dense:.1f} ms "
-                  f"| {1e3 * t:.1f} ms | {t_dense / t:.2f}x |")  # fmt: skip
+            t = interleaved(
+                {"dense": prefill("dense"), "routed": prefill("topk", cap)}, args.reps, 3
+            )
+            td, tr = t["dense"], t["routed"]
+            print(f"| prefill {pb}x{pl}, top-k | {cap:g} | {frac:.1%} | {1e3 * td:.1f} ms "
+                  f"| {1e3 * tr:.1f} ms | {td / tr:.2f}x |")  # fmt: skip
             set_mode(model, "causal")
-            for b, td in dec_dense.items():
+            for b in batches:
                 p = ids[:1, :32].expand(b, -1).contiguous()
                 with mod_stats(model) as st:
-                    decode(model, p, args.new_tokens)
+                    decode_loop(model, p, args.new_tokens, st)
                 frac = summarise(st, n)["block_fraction"]
-                t = timed(lambda p=p: decode(model, p, args.new_tokens), args.reps, 1)
-                tok = b * args.new_tokens
+                t = interleaved(
+                    {"dense": decode("dense", p), "routed": decode("causal", p)}, args.reps, 1
+                )
+                td, tr, tok = t["dense"], t["routed"], b * args.new_tokens
                 print(f"| decode batch {b}, causal | {cap:g} | {frac:.1%} | {tok / td:.0f} tok/s "
-                      f"| {tok / t:.0f} tok/s | {td / t:.2f}x |")  # fmt: skip
+                      f"| {tok / tr:.0f} tok/s | {td / tr:.2f}x |")  # fmt: skip
             set_mode(model, "dense")
 
 

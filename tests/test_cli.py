@@ -126,3 +126,81 @@ def test_eval_writes_json_report(model_dirs, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["stage"] == "eval" and rep["metrics"]["rows"][0]["model"] == "dense"
     assert "perplexity" in res.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calibrate", "MODEL", "-o", "X", "--tau", "0,2"],
+        ["calibrate", "MODEL", "-o", "X", "--taus", "0,2"],
+        ["calibrate", "MODEL", "-o", "X", "--tau", "2"],
+        ["bench", "MODEL", "--tau", "0.1,2"],
+        ["bench", "MODEL", "--taus", "2"],
+        ["report", "MODEL", "--tau", "0,2"],
+        ["report", "MODEL", "--taus", "2"],
+    ],
+)
+def test_tau_is_one_value_or_a_list_on_calibrate_bench_and_report(args, model_dirs, tmp_path):
+    """--tau (and its alias --taus) reaches the same option on all three commands: a bad value
+    in it is refused by that option's own check."""
+    args = [a.replace("MODEL", model_dirs["gated"]).replace("X", str(tmp_path / "o")) for a in args]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "tau must be in [0, 1], got 2.0" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_tau_alias_in_configs_and_recipes():
+    from d2d.recipe import parse_recipe
+    from d2d.stages import make_config
+
+    assert make_config("calibrate", {"tau": "0,0.1"}).taus == "0,0.1"
+    assert make_config("calibrate", {"taus": 0.1}).taus == "0.1"
+    assert make_config("bench", {"tau": "0.2"}).taus == "0.2"
+    with pytest.raises(Exception, match="given twice"):
+        make_config("calibrate", {"tau": "0", "taus": "0.1"})
+    r = parse_recipe(
+        "model: m\nout: o\nstages: [calibrate]\n", ["calibrate.tau=0,0.3", "calibrate.tokens=64"]
+    )
+    cfg = make_config("calibrate", r["stages"][0][1])
+    assert cfg.taus == "0,0.3" and cfg.tokens == 64
+
+
+def test_help_names_the_alias():
+    res = runner.invoke(app, ["calibrate", "--help"], env={"COLUMNS": "200"})
+    assert "--tau" in res.output and "--taus" in res.output and "the same" in res.output
+
+
+def test_eval_table_shows_no_masked_path_time(model_dirs, tmp_path):
+    res = runner.invoke(
+        app, ["eval", model_dirs["gated"], "--tokens", "256", "--seq-len", "64"],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if "model FLOPs" in line)
+    assert "time" not in header
+    assert "time: see d2d bench" in res.output
+
+
+def test_eval_compare_rules_router_and_oracle(calibrated, tmp_path):
+    import json
+
+    out = tmp_path / "rules.json"
+    res = runner.invoke(
+        app,
+        ["eval", str(calibrated["train-routers"]), "--compare-rules", "--tokens", "256",
+         "--seq-len", "64", "--json", str(out)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rules = json.loads(out.read_text())["metrics"]["rules"]
+    got = {(r["scores"], r["rule"]) for r in rules["rows"]}
+    for scores in ("router", "oracle"):
+        for rule in ("global-tau", "per-layer-tau", "per-layer-threshold", "static-topk"):
+            assert (scores, rule) in got
+    # oracle scores rank by the true norms: at a fixed top-k fraction they never lose to the
+    # routers by more than noise on the same tokens
+    topk = {(r["scores"], r["fraction"]): r["quality"] for r in rules["rows"] if "fraction" in r}
+    assert topk[("oracle", 0.5)] <= topk[("router", 0.5)] * 1.05
+    assert set(rules["savings"]) == {"1%", "2%", "5%", "10%"}
+    assert "oracle savings" in res.output

@@ -69,3 +69,52 @@ def test_too_short_for_one_window(tmp_path, tokenizer):
 def test_windows_shape(text_dir, tokenizer):
     w = lm_windows(tokenizer, load_corpus(text_dir), 32, 5)
     assert tuple(w.shape) == (5, 32)
+
+
+def test_one_text_a_line_file_is_many_documents(tmp_path):
+    """A .txt of tweets, one a line, is read as one document a line (it used to be one
+    document, which every training stage refused)."""
+    f = tmp_path / "tweets.txt"
+    f.write_text("\n".join(f"tweet number {i} about the weather today" for i in range(4000)))
+    c = load_corpus(str(f))
+    assert len(c.texts) == 4000 and c.texts[7] == "tweet number 7 about the weather today"
+    assert all(len(c.split(s).texts) > 300 for s in SPLITS)
+    assert len(load_corpus(str(f), "file").texts) == 1
+
+
+def test_a_book_is_read_by_paragraphs(tmp_path):
+    paras = [
+        "\n".join(f"line {j} of paragraph {i}, wrapped as books are" for j in range(4))
+        for i in range(50)
+    ]
+    f = tmp_path / "book.txt"
+    f.write_text("\n\n".join(paras) + "\n")
+    c = load_corpus(str(f))
+    assert len(c.texts) == 50 and c.texts[0].count("\n") == 3
+    assert len(load_corpus(str(f), "line").texts) == 200
+    assert len(load_corpus(str(f), "paragraph").texts) == 50
+
+
+def test_doc_split_in_a_labelled_folder_keeps_labels(text_dir):
+    assert len(load_corpus(text_dir).texts) == 60  # a folder of files: one document a file
+    lines = load_corpus(text_dir, "line")
+    assert lines.label_names == ["money", "sport"] and len(lines.labels) == len(lines.texts)
+
+
+def test_bad_doc_split_is_refused():
+    from d2d.stages import make_config
+
+    with pytest.raises(D2DError, match="doc-split must be one of"):
+        make_config("eval", {"doc_split": "sentences"})
+
+
+def test_gguf_reader_bar_is_silenced_and_restored():
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from d2d.models import _quiet_gguf_reader
+
+    bar = gguf_utils.tqdm
+    undo = _quiet_gguf_reader()
+    assert gguf_utils.tqdm.keywords == {"disable": True}
+    undo()
+    assert gguf_utils.tqdm is bar

@@ -45,3 +45,14 @@ def test_minilm_converted_output_equals_dense():
     convert(art.model, ConvertConfig(n_experts=48))
     with torch.no_grad():
         torch.testing.assert_close(art.model(**enc).last_hidden_state, ref)
+
+
+@pytest.mark.slow
+def test_loading_the_gguf_prints_nothing(capfd):
+    """transformers' GGUF reader draws a progress bar of its own: d2d silences it, so that it
+    does not land in the middle of d2d's output."""
+    from d2d.models import load_base
+
+    load_base("smollm2-135m")
+    out, err = capfd.readouterr()
+    assert "GGUF" not in out + err and "%|" not in err

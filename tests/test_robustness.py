@@ -67,6 +67,14 @@ def c_config_garbage(t, m, c):
     return ["convert", str(d), "-o", "OUT"], d
 
 
+def c_config_disagrees_with_weights(t, m, c):
+    d = copy(m["gated"], t)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 8  # edited by hand: the weights keep the old width
+    (d / "config.json").write_text(json.dumps(cfg))
+    return ["convert", str(d), "-o", "OUT"], d
+
+
 def c_truncated_weights(t, m, c):
     d = copy(m["gated"], t)
     data = (d / "model.safetensors").read_bytes()
@@ -227,6 +235,10 @@ CASES = {
     "missing path": (c_missing, "does not exist"),
     "not a model folder": (c_not_a_model, "not a model folder"),
     "config.json not JSON": (c_config_garbage, "not valid JSON"),
+    "config.json disagrees with the weights": (
+        c_config_disagrees_with_weights,
+        "down_proj.weight is [32, 64] in model.safetensors but config.json makes it [32, 72]",
+    ),
     "truncated weights (HF folder)": (c_truncated_weights, "could not load model"),
     "truncated weights (artifact)": (c_truncated_artifact, "unreadable or corrupt"),
     "corrupt weights (artifact)": (c_corrupt_artifact, "unreadable or corrupt"),

@@ -60,6 +60,25 @@ def machine() -> dict:
     }
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a clock read after it measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timer(fn, device: torch.device | str = "cpu"):
+    """A callable(rep) for `interleaved` that times fn() alone (GPU work included)."""
+
+    def timed(r):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    return timed
+
+
 def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
     """Median of the seconds each callable(rep) reports for itself (it times only the part
     that counts), the callables run in turn, rep after rep, after `warmup` rounds."""
@@ -249,10 +268,12 @@ def decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None)
     tok = out.logits[:, -1:].argmax(-1)
     for s in (dstats or {}).values():
         s.update(real=0, chosen=0, agree=0)
+    synchronize(prompt.device)
     t0 = time.perf_counter()
     for _ in range(n):
         out = model(input_ids=tok, use_cache=True, **{name: out[name]})
         tok = out.logits[:, -1:].argmax(-1)
+    synchronize(prompt.device)
     return time.perf_counter() - t0
 
 

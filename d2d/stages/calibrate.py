@@ -129,11 +129,17 @@ def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
 
 
 def sweep(
-    model, ev, cfg: CalibrateConfig, progress: Progress = null_progress, scores: str = "router"
+    model,
+    ev,
+    cfg: CalibrateConfig,
+    progress: Progress = null_progress,
+    scores: str = "router",
+    sensitivity_ev=None,
 ):
     """Measure the dense model, every global tau and every per-layer allocation on `ev`.
     Returns (rows, measurements) in the same order; `scores="oracle"` ranks experts by their
-    true output norms instead of the routers' predictions (the ceiling of a rule)."""
+    true output norms instead of the routers' predictions (the ceiling of a rule). The
+    per-layer allocation reads `sensitivity_ev`'s batches (default: `ev`'s)."""
     from d2d.measure.sensitivity import allocate, layer_sensitivity
     from d2d.nn.policy import ALL, layer_policy
 
@@ -149,7 +155,8 @@ def sweep(
         rows.append(_row("global-tau", pol, measured[-1], dense.quality, ev.metric))
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer:
-        sens = layer_sensitivity(model, ev, sink, cfg.sensitivity_tokens, cfg.seed, scores)
+        sens_ev = sensitivity_ev or ev
+        sens = layer_sensitivity(model, sens_ev, sink, cfg.sensitivity_tokens, cfg.seed, scores)
         budgets = set(parse_budgets(cfg.budgets))
         if cfg.target_flops:
             budgets.add(cfg.target_flops)

@@ -19,6 +19,15 @@ class EvalConfig(SampleFields):
     tau: float | None = field(
         default=None, metadata={"help": "Evaluate at this global tau instead of the chosen one."}
     )
+    compare_rules: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure every routing rule (global tau, per-layer tau / threshold / "
+            "top-k at calibrate's budgets, static top-k) with the routers' scores and with an "
+            "oracle's (true expert norms), and the share of the oracle's savings the routers "
+            "reach at equal quality."
+        },
+    )
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
 
@@ -52,7 +61,10 @@ def run(art, cfg: EvalConfig, progress):
     from d2d.measure.evaluate import Evaluator, quality_drop
     from d2d.nn.depth import mod_blocks
 
-    policy = chosen_policy(art, cfg.tau)
+    if cfg.compare_rules and cfg.tau is None and not art.meta.get("routing"):
+        policy = {"rule": "all"}  # not calibrated yet: the rule comparison is the point
+    else:
+        policy = chosen_policy(art, cfg.tau)
     ev = Evaluator.of(art.model, art.tokenizer, cfg, "heldout")
     runs = [("dense", {"rule": "all"}, "dense model")]
     blocks = mod_blocks(art.model)
@@ -83,9 +95,106 @@ def run(art, cfg: EvalConfig, progress):
             }
         )
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
+    if cfg.compare_rules:
+        out["rules"] = compare_rules(art, cfg, ev, progress)
     if blocks:
         out["mod"] = {"layers": sorted(blocks), "capacity": next(iter(blocks.values())).capacity}
     return out, {}
+
+
+COMPARE_TAUS = "0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2"
+COMPARE_TOPK = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+COMPARE_DROPS = (0.01, 0.02, 0.05, 0.1)
+
+
+def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
+    """Every rule with router and with oracle scores on `ev` (held-out), per-layer budgets
+    allocated from calibration-split sensitivity; and the router / oracle savings ratio."""
+    from d2d.measure.evaluate import Evaluator
+    from d2d.nn.structure import moe_layers
+    from d2d.stages.calibrate import CalibrateConfig, _row, sweep
+
+    moes = moe_layers(art.model)
+    if not moes or any(m.router is None for m in moes.values()):
+        raise D2DError("--compare-rules needs routers: run d2d train-routers first")
+    sink = chosen_policy(art, cfg.tau).get("dense_positions", 1) if art.meta.get("routing") else 1
+    sw = CalibrateConfig(
+        data=cfg.data, doc_split=cfg.doc_split, seq_len=cfg.seq_len, taus=COMPARE_TAUS,
+        dense_sink=sink, sensitivity_tokens=2048, seed=cfg.seed, bf16=cfg.bf16,
+    )  # fmt: skip
+    cal = Evaluator.of(art.model, art.tokenizer, cfg, "calib", 2048)
+    rows = []
+    for scores in ("router", "oracle"):
+        got, _ = sweep(art.model, ev, sw, progress, scores, sensitivity_ev=cal)
+        dense_q = got[0]["quality"]
+        for r in got[1:]:
+            rows.append({**r, "scores": scores})
+        for f in COMPARE_TOPK:
+            pol = {"rule": "topk", "fraction": f, "scores": scores, "dense_positions": sink}
+            row = _row("static-topk", pol, ev.measure(art.model, pol), dense_q, ev.metric)
+            rows.append({**row, "scores": scores, "fraction": f})
+        progress("comparing rules", 1 + (scores == "oracle"), 2)
+    for r in rows:
+        r.pop("layer_fractions", None)
+    return {"dense_quality": dense_q, "rows": rows, "savings": savings_ratio(rows)}
+
+
+def fraction_at(rows: list[dict], scores: str, drop: float) -> float:
+    """The lowest FFN fraction any rule with `scores` reaches at quality drop <= `drop`;
+    within one rule, linear interpolation between its neighbouring settings."""
+    best = 1.0
+    for rule in {r["rule"] for r in rows if r["scores"] == scores}:
+        pts = sorted(
+            (r["drop"], r["ffn_fraction"])
+            for r in rows
+            if r["rule"] == rule and r["scores"] == scores
+        )
+        for (d0, f0), (d1, f1) in zip(pts, pts[1:], strict=False):
+            if d0 <= drop < d1 and d1 > d0:
+                best = min(best, f0 + (f1 - f0) * (drop - d0) / (d1 - d0))
+        best = min([best] + [f for d, f in pts if d <= drop])
+    return best
+
+
+def savings_ratio(rows: list[dict]) -> dict:
+    """Router savings / oracle savings of FFN FLOPs at equal quality drop, for a few drops."""
+    out = {}
+    for drop in COMPARE_DROPS:
+        r, o = 1 - fraction_at(rows, "router", drop), 1 - fraction_at(rows, "oracle", drop)
+        out[f"{drop:.0%}"] = {
+            "router_savings": r,
+            "oracle_savings": o,
+            "ratio": r / o if o > 0 else None,
+        }
+    return out
+
+
+def _rules_view(rules: dict, metric: str) -> list:
+    from d2d.nn.policy import row_label
+
+    t = Table(
+        f"every rule, router and oracle scores (dense {metric} {rules['dense_quality']:.4g})",
+        ["scores", "routing", "FFN FLOPs", "model FLOPs", metric, "change"],
+        left=("scores", "routing"),
+    )
+    for r in rules["rows"]:
+        name = f"static top-k {r['fraction']:.0%}" if "fraction" in r else row_label(r)
+        t.add(
+            r["scores"],
+            name,
+            pct(r["ffn_fraction"]),
+            pct(r["model_fraction"]),
+            f"{r['quality']:.4g}",
+            change(r["drop"]),
+        )
+    s = Table(
+        "FFN FLOPs saved at equal quality: routers against the oracle",
+        ["quality drop", "router savings", "oracle savings", "ratio"],
+    )
+    for k, v in rules["savings"].items():
+        ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
+        s.add(k, pct(v["router_savings"]), pct(v["oracle_savings"]), ratio)
+    return [t, s]
 
 
 def view(record: dict) -> list:
@@ -112,7 +221,10 @@ def view(record: dict) -> list:
             pct(r["model_fraction"]),
             *(extra if depth else []),
         )
-    return [t, "time: see d2d bench (it times the fast path against dense in one run)"]
+    out = [t, "time: see d2d bench (it times the fast path against dense in one run)"]
+    if m.get("rules"):
+        out += _rules_view(m["rules"], m["rows"][0]["metric"])
+    return out
 
 
 STAGE = Stage(
