@@ -29,13 +29,13 @@ from d2d.io import atomic_dir
 from d2d.lineage import last_stage
 from d2d.measure.evaluate import Evaluator
 from d2d.nn.depth import depth_mode, mod_blocks
-from d2d.nn.policy import global_tau
 from d2d.nn.policy import label as policy_label
 from d2d.options import parse_taus
 from d2d.progress import Progress, null_progress
 from d2d.stages import load_artifact
 from d2d.stages.base import Table
 from d2d.stages.calibrate import calibration_table
+from d2d.stages.evaluation import chosen_policy
 
 FIGURES = {
     "curve": "Cost-quality curve",
@@ -124,13 +124,8 @@ def measure_usage(
     data = data or src.get("data")
     if not data:
         raise D2DError("no data recorded in the lineage to measure expert usage: pass --data")
-    if tau is not None:
-        policy = global_tau(tau, meta.get("routing"))
-    elif meta.get("routing"):
-        policy = meta["routing"]
-    else:
-        raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --tau")
     art = load_artifact(path)
+    policy = chosen_policy(art, tau)  # eval's choice: --tau, else the calibrated routing
     ev = Evaluator(
         art.model,
         art.tokenizer,

@@ -7,6 +7,7 @@ modules import their heavy layers inside the functions that run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,6 +40,14 @@ def pct(x: float) -> str:
 def change(drop: float) -> str:
     """A quality change as a signed percentage (runaway values capped)."""
     return f"{100 * drop:+.1f}%" if abs(drop) < 10 else (">+999%" if drop > 0 else "<-999%")
+
+
+def thin(rows: list[dict], n: int) -> list[dict]:
+    """At most about n rows of a training history, evenly spaced, the last one kept."""
+    if len(rows) <= n:
+        return rows
+    stride = math.ceil(len(rows) / n)
+    return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
 class Record(dict):

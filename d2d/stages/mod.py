@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct
+from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct, thin
 
 PREDICTORS = ("aux-loss", "mlp")
 
@@ -190,7 +190,7 @@ def run(art, cfg: ModConfig, progress, out=None):
         "topk": after["topk"],
         "causal": after["causal"],
         "evals": result.evals,
-        "history": result.history[:: max(1, len(result.history) // 200)],
+        "history": thin(result.history, 200),
         "resumed_from": result.resumed_from,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
     }

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct
+from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct, thin
 
 TASKS = ("auto", "causal-lm", "classification")
 PENALTIES = ("hoyer", "l1")
@@ -130,14 +130,6 @@ class SparsifyTask:
 
     def evaluate(self, model) -> dict:
         return self.evaluate_fn(model)
-
-
-def thin(rows: list[dict], n: int) -> list[dict]:
-    """At most about n rows of a training history, evenly spaced, the last one kept."""
-    if len(rows) <= n:
-        return rows
-    stride = math.ceil(len(rows) / n)
-    return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
 def run(art, cfg: SparsifyConfig, progress, out=None):
