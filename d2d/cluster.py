@@ -45,6 +45,8 @@ def balanced_kmeans(
     size = n // n_clusters
     if n_clusters == 1:
         return np.zeros(n, dtype=np.int64)
+    if size == 1:  # single-neuron experts: nothing to group
+        return np.arange(n, dtype=np.int64)
     pts = points.astype(np.float64)
     km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed, max_iter=50).fit(pts)
     centroids = km.cluster_centers_

@@ -102,8 +102,7 @@ def converted_flops(
         if m is None:
             ffn += f * macs
             continue
-        frac = stats[i].fraction(m.n_experts) if i in stats and stats[i].tokens else 1.0
-        ffn += f * (frac * macs + m.router_macs())
+        ffn += f * m.token_macs(stats.get(i))
     return FlopsBreakdown(2.0 * attn, 2.0 * ffn, 2.0 * _head_macs(model, causal), 2.0 * routers)
 
 

@@ -160,4 +160,113 @@ def allocate(table: dict, budget: float) -> dict[int, float]:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if frac(pick(mid)) > budget else (lo, mid)
         choice = pick(hi)
-    return {i: float(table[i][2][choice[i]]) for i in layers}
+    params = {i: table[i][2][choice[i]] for i in layers}  # a number, or a tuple of them
+    return {i: p if isinstance(p, tuple) else float(p) for i, p in params.items()}
+
+
+# the grids of the exact-magnitude rule: shares of the FFN input gate and up read, and shares
+# of the neurons (experts) whose down projection runs
+INPUT_KEEP = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+UNIT_KEEP = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+
+
+def quantile(v: torch.Tensor, q: float, cap: int = 2**22) -> float:
+    """The q-quantile of a tensor's values (a seeded subsample of `cap` values above that)."""
+    v = v.flatten().float()
+    if v.numel() > cap:
+        g = torch.Generator().manual_seed(0)
+        v = v[torch.randint(v.numel(), (cap,), generator=g)]
+    return float(torch.quantile(v, q)) if v.numel() else 0.0
+
+
+class LayerSample:
+    """One MoE layer's captured calibration tokens: inputs, gradients, which tokens count."""
+
+    def __init__(self, m, x, pos, tm, g, sink: int):
+        self.m, self.x, self.g = m, x, g
+        n = x.shape[0]
+        self.real = tm if tm is not None else torch.ones(n, dtype=torch.bool)
+        self.sink = (pos < sink) if (pos is not None and sink > 0) else torch.zeros(n, bool)
+        self.free = self.real & ~self.sink  # the tokens a rule may change
+
+    def kept_input(self, t_x: float) -> tuple[torch.Tensor, float]:
+        """The input with |x| < t_x zeroed (sink tokens whole), and the kept share."""
+        if t_x <= 0:
+            return self.x, 1.0
+        kept = (self.x.abs() >= t_x) | self.sink[:, None]
+        return self.x * kept, float(kept[self.real].float().mean())
+
+
+def _sample(sens, i) -> LayerSample:
+    x, pos, tm = sens.caps[i]
+    return LayerSample(sens.moes[i], x, pos, tm, sens.grads[i], sens.sink)
+
+
+@torch.no_grad()
+def magnitude_table(sens) -> dict[int, tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]]:
+    """Per layer, for the exact-magnitude rule (scores "magnitude" with input thresholds):
+    (FFN FLOPs fraction, estimated cost, (input threshold, unit threshold)) over the grid of
+    INPUT_KEEP x UNIT_KEEP. Each neuron's effect on the loss direction g is h_j (W_down^T g)_j,
+    so the cost of every grid point needs only element-wise work."""
+    out = {}
+    for i, m in sens.moes.items():
+        s = _sample(sens, i)
+        gw = s.g @ m.w_out.float().t()  # [N, f]
+        h = m.hidden(s.x)
+        base = (h * gw).sum(-1)
+        wn = m.neuron_weights().float()
+        d, f = m.d_model, m.n_experts * m.expert_size
+        gate_up, down = (2 if m.gated else 1) * d * f, d * f
+        ax = s.x.abs()[s.free]
+        fr, cost, params = [], [], []
+        for px in INPUT_KEEP:
+            t_x = 0.0 if px >= 1 else quantile(ax, 1 - px)
+            xin, kx = s.kept_input(t_x)
+            hx = h if t_x <= 0 else m.hidden(xin)
+            mag = m.block_norm(hx * wn)
+            for pk in UNIT_KEEP:
+                t_h = 0.0 if pk >= 1 else quantile(mag[s.free], 1 - pk)
+                mask = (
+                    rule_mask("threshold", mag, t_h)
+                    if t_h > 0
+                    else torch.ones_like(mag, dtype=bool)
+                )
+                mask |= s.sink[:, None]
+                hm = (hx.view(-1, m.n_experts, m.expert_size) * mask.unsqueeze(-1)).view(-1, f)
+                c = (base - (hm * gw).sum(-1))[s.real].pow(2).sum()
+                k = float(mask[s.real].float().mean())
+                fr.append((kx * gate_up + k * down) / (gate_up + down))
+                cost.append(float(c))
+                params.append((t_x, t_h))
+        order = np.argsort(-np.array(fr), kind="stable")
+        out[i] = (
+            np.array(fr)[order],
+            np.maximum.accumulate(np.array(cost)[order]),
+            [params[j] for j in order],
+        )
+    return out
+
+
+@torch.no_grad()
+def teal_thresholds(sens, keep: float) -> tuple[dict[int, float], dict[int, float]]:
+    """TEAL-style thresholds at one share `keep` for every matrix of every layer: the input's
+    |x| quantile (gate and up), then |h|'s on the kept input (down). Returns (input, unit)."""
+    t_in, t_unit = {}, {}
+    for i, m in sens.moes.items():
+        s = _sample(sens, i)
+        t_in[i] = quantile(s.x.abs()[s.free], 1 - keep) if keep < 1 else 0.0
+        act = m.block_norm(m.hidden(s.kept_input(t_in[i])[0]).float())
+        t_unit[i] = quantile(act[s.free], 1 - keep) if keep < 1 else 0.0
+    return t_in, t_unit
+
+
+@torch.no_grad()
+def cats_thresholds(sens, keep: float) -> dict[int, float]:
+    """CATS-style thresholds: per layer the quantile of |act(gate)| that keeps `keep` of the
+    units (the gate itself is computed in full)."""
+    out = {}
+    for i, m in sens.moes.items():
+        s = _sample(sens, i)
+        ga = m.block_norm(m.act(torch.nn.functional.linear(s.x, m.w_gate, m.b_gate)).float())
+        out[i] = quantile(ga[s.free], 1 - keep) if keep < 1 else 0.0
+    return out

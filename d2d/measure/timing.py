@@ -147,8 +147,7 @@ def layer_bench(art, cfg, policies, progress: Progress) -> dict:
             with routing(art.model, pol), collecting(art.model) as stats, torch.no_grad():
                 for i in range(cfg.reps):
                     moe(slab(i))
-                router = moe.router_macs()
-            flops = (stats[layer].fraction(moe.n_experts) * dense_macs + router) / dense_macs
+                flops = moe.token_macs(stats[layer]) / dense_macs
 
             def run(pol_):
                 def f(r):  # times the layer call only, not the switch of routing

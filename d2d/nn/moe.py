@@ -56,10 +56,15 @@ class LayerStats:
     executed: int = 0  # experts executed, summed over tokens
     usage: torch.Tensor | None = None  # [E] how often each expert ran
     k_hist: torch.Tensor | None = None  # [E+1] tokens that ran k experts
+    input_kept: float = 0.0  # summed over tokens: the share of input entries kept (TEAL-style)
     extra: dict = field(default_factory=dict)
 
     def fraction(self, n_experts: int) -> float:
         return self.executed / max(1, self.tokens * n_experts)
+
+    def input_fraction(self) -> float:
+        """The mean share of the FFN input that gate and up read (1.0 without input sparsity)."""
+        return self.input_kept / self.tokens if self.tokens else 1.0
 
 
 class MoEFFN(nn.Module):
@@ -108,6 +113,31 @@ class MoEFFN(nn.Module):
         """Multiply-accumulates of one expert for one token."""
         return (3 if self.gated else 2) * self.d_model * self.expert_size
 
+    def token_macs(self, stats: LayerStats | None) -> float:
+        """Multiply-accumulates per token under the current policy, from execution statistics
+        (None: every expert, the whole input). What each kind of score needs computed:
+        router / oracle: the selected experts only (the oracle's scoring is not counted: it is a
+        ceiling); gate: the gate in full, up and down for the selected experts; activation /
+        magnitude: gate and up in full (on the kept share of the input), down for the selected."""
+        d, f = self.d_model, self.n_experts * self.expert_size
+        gate_up, down = (2 if self.gated else 1) * d * f, d * f
+        k = stats.fraction(self.n_experts) if stats is not None and stats.tokens else 1.0
+        kx = stats.input_fraction() if stats is not None else 1.0
+        scores = self.policy.scores
+        if scores == "gate" and self.gated:
+            return d * f + k * (gate_up - d * f + down)
+        if scores in ("activation", "magnitude"):
+            return kx * gate_up + k * down
+        return k * (kx * gate_up + down) + self.router_macs()
+
+    def neuron_weights(self) -> torch.Tensor:
+        """[f] the norm of each neuron's down-projection row: a neuron's output is |h| x it."""
+        return self.w_out.norm(dim=-1)
+
+    def block_norm(self, v: torch.Tensor) -> torch.Tensor:
+        """[N, E] the L2 norm over each expert's neurons of per-neuron values [N, f]."""
+        return v.view(v.shape[0], self.n_experts, self.expert_size).norm(dim=-1)
+
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Intermediate activations [N, E*s] of every expert."""
         up = F.linear(x, self.w_in, self.b_in)
@@ -139,21 +169,37 @@ class MoEFFN(nn.Module):
         """Whether the policy can skip an expert; if not, scores (and the router) are not run."""
         return self.policy.routes(self.index, self.n_experts)
 
-    def select(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+    def scores(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """[N, E] what ranks the experts of each token under the policy (d2d.nn.policy.SCORES);
+        `h`: the intermediate activations computed from the (kept) input."""
+        kind = self.policy.scores
+        if kind == "oracle":
+            return self.expert_norms(h)
+        if kind == "gate":  # CATS-style: the gate's activation, computed in full
+            if not self.gated:
+                raise RuntimeError("gate scores need a gated FFN")
+            return self.block_norm(self.act(F.linear(x, self.w_gate, self.b_gate)).float())
+        if kind == "activation":
+            return self.block_norm(h.float())
+        if kind == "magnitude":
+            return self.block_norm(h.float() * self.neuron_weights().float())
+        if self.router is None:
+            raise RuntimeError("this MoE layer has no router: run train-routers first")
+        return self.router(x.to(self.router.fc1.weight.dtype))
+
+    def select(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor | None:
         """Boolean [N, E] mask of experts to run, or None for all of them."""
         if not self.routes():
             return None
-        if self.policy.scores == "oracle":
-            scores = self.expert_norms(h)
-        else:
-            if self.router is None:
-                raise RuntimeError("this MoE layer has no router: run train-routers first")
-            scores = self.router(x.to(self.router.fc1.weight.dtype))
-        mask = self.policy.mask(self.index, scores)
+        mask = self.policy.mask(self.index, self.scores(x, h))
+        return mask | self._sink_rows(x.shape[0])[:, None]
+
+    def _sink_rows(self, n: int) -> torch.Tensor:
+        """[n] the tokens of this forward at positions below the policy's dense sink."""
         pos, sink = self.context.positions, self.policy.dense_positions
-        if sink > self.context.min_position and pos is not None and pos.numel() == mask.shape[0]:
-            mask |= (pos.reshape(-1) < sink)[:, None]
-        return mask
+        if sink > self.context.min_position and pos is not None and pos.numel() == n:
+            return pos.reshape(-1) < sink
+        return torch.zeros(n, dtype=torch.bool, device=self.w_in.device)
 
     # above this executed fraction the dense product beats the sparse kernel
     SPARSE_MAX_FRACTION = 0.8
@@ -187,13 +233,20 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        sparse = self._sparse_ok(x2)  # router scores only: the selection needs no activations
-        h = None if sparse else self.hidden(x2)
+        # TEAL-style input sparsity: gate and up read only the entries above the threshold
+        t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
+        kept = (x2.abs() >= t_in) if t_in > 0 else None
+        if kept is not None:  # the dense sink reads its whole input too
+            kept |= self._sink_rows(x2.shape[0])[:, None]
+        xin = x2 if kept is None else x2 * kept
+        # router scores without input sparsity: the selection needs no activations
+        sparse = kept is None and self._sparse_ok(x2)
+        h = None if sparse else self.hidden(xin)
         if self.capture is not None:
             self.capture(x2, h)
         mask = self.select(x2, h)
         if self.stats is not None:
-            self._record(mask, x2.shape[0])
+            self._record(mask, x2.shape[0], kept)
         if sparse:
             y = self._run_sparse(x2, mask)
             if y is not None:
@@ -205,14 +258,17 @@ class MoEFFN(nn.Module):
         y = self.down(h)
         return y.view(*shape[:-1], self.d_model)
 
-    def _record(self, mask: torch.Tensor | None, n: int) -> None:
+    def _record(self, mask: torch.Tensor | None, n: int, kept: torch.Tensor | None) -> None:
         st, E = self.stats, self.n_experts
         if mask is None:
             mask = torch.ones(n, E, dtype=torch.bool)
         mask = mask.cpu()
+        kept_share = torch.ones(n) if kept is None else kept.float().mean(-1).cpu()
         tm = self.context.token_mask
         if tm is not None and tm.numel() == n:
-            mask = mask[tm.reshape(-1).cpu().bool()]
+            real = tm.reshape(-1).cpu().bool()
+            mask, kept_share = mask[real], kept_share[real]
+        st.input_kept += float(kept_share.sum())
         if st.usage is None:
             st.usage = torch.zeros(E, dtype=torch.long)
             st.k_hist = torch.zeros(E + 1, dtype=torch.long)

@@ -31,7 +31,14 @@ import torch
 from d2d.errors import D2DError
 
 DEPTH_MODES = ("topk", "causal", "dense")
-SCORES = ("router", "oracle")
+# what ranks the experts of a token (d2d.nn.moe computes them; d2d.measure.flops prices them):
+SCORES = {
+    "router": "the learned router's predicted output norms (D2DMoE)",
+    "oracle": "the true output norm of every expert (a ceiling: it computes them all)",
+    "gate": "|act(gate)| of the expert's neurons, the gate computed in full (CATS-style)",
+    "activation": "|h| of the expert's neurons, h computed in full (TEAL-style, down input)",
+    "magnitude": "|h| x the norm of each neuron's down-projection row, h computed in full",
+}
 
 
 def _quantile_grid(scores: torch.Tensor) -> list[float]:
@@ -126,15 +133,23 @@ class RoutingPolicy:
     rule: str = "all"
     value: float | None = None  # one value for every layer (tau, top-k fraction)
     per_layer: dict[int, float] = field(default_factory=dict)
-    scores: str = "router"  # router | oracle (true expert norms: a ceiling, not a method)
+    scores: str = "router"  # a key of SCORES
     dense_positions: int = 0  # leading positions of each sequence that run every expert
     depth: str | None = None  # topk | causal | dense; None: blocks keep their mode
+    # per layer: input entries with |x| below this are zeroed before gate and up, whose weight
+    # columns for them are then skipped (TEAL-style input sparsity)
+    input_thresholds: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise D2DError(f"unknown routing rule {self.rule!r}: use one of {', '.join(RULES)}")
         if self.scores not in SCORES:
-            raise D2DError("routing scores must be 'router' or 'oracle'")
+            raise D2DError(
+                f"routing scores must be one of {', '.join(SCORES)}, got {self.scores!r}"
+            )
+        for v in self.input_thresholds.values():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise D2DError(f"input thresholds must be numbers >= 0, got {v!r}")
         if self.depth not in (None, *DEPTH_MODES):
             raise D2DError(
                 f"depth routing must be one of {', '.join(DEPTH_MODES)}, got {self.depth!r}"
@@ -167,6 +182,9 @@ class RoutingPolicy:
     def mask(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         return self.spec.mask(scores, self.value_at(layer))
 
+    def input_threshold(self, layer: int) -> float:
+        return float(self.input_thresholds.get(layer, 0.0))
+
     # --- JSON form (d2d.json, recipe files) ----------------------------------------------
 
     @classmethod
@@ -194,6 +212,9 @@ class RoutingPolicy:
                     raise D2DError(f"{r.per_layer_key} must map layers to values")
                 checked = {int(k): _number(v, r.per_layer_key, r) for k, v in vals.items()}
                 per_layer = checked if r is spec else per_layer
+        inputs = p.get("input_thresholds") or {}
+        if not isinstance(inputs, dict):
+            raise D2DError("input_thresholds must map layers to values")
         return cls(
             rule,
             value,
@@ -201,6 +222,7 @@ class RoutingPolicy:
             p.get("scores", "router"),
             p.get("dense_positions", 0),
             p.get("depth"),
+            {int(k): v for k, v in inputs.items()},
         )
 
     def to_dict(self) -> dict:
@@ -215,11 +237,19 @@ class RoutingPolicy:
             d["dense_positions"] = self.dense_positions
         if self.depth is not None:
             d["depth"] = self.depth
+        if self.input_thresholds:
+            d["input_thresholds"] = {str(k): v for k, v in self.input_thresholds.items()}
         return d
 
     def with_depth(self, depth: str | None) -> RoutingPolicy:
         return RoutingPolicy(
-            self.rule, self.value, self.per_layer, self.scores, self.dense_positions, depth
+            self.rule,
+            self.value,
+            self.per_layer,
+            self.scores,
+            self.dense_positions,
+            depth,
+            self.input_thresholds,
         )
 
 
@@ -267,6 +297,13 @@ def row_label(row: dict) -> str:
     "per-layer threshold @50%"."""
     if row["rule"] == "dense":
         return "dense (all experts)"
+    named = {
+        "teal-style": "TEAL-style",
+        "cats-style": "CATS-style",
+        "per-layer-magnitude": "exact magnitude",
+    }.get(row["rule"])
+    if named and "budget" in row:
+        return f"{named} @{100 * row['budget']:.0f}%"
     if "budget" in row:
         return f"{label(row['policy'])} @{100 * row['budget']:.0f}%"
     return ("global " if row["rule"] == "global-tau" else "") + label(row["policy"])

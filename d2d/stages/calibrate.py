@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from d2d.errors import D2DError
+from d2d.errors import D2DError, StageOrderError
 from d2d.options import parse_budgets, parse_taus
 from d2d.progress import Progress, null_progress
 from d2d.stages.base import SampleFields, Stage, Table, change, pct
@@ -28,13 +28,20 @@ DEFAULT_MAX_DROP = 0.02
 TARGET_SLACK = 0.01
 
 
-def parse_rules(spec: str) -> list[str]:
-    from d2d.nn.policy import LAYER_RULES
+# per-layer rules calibrate allocates: the routers' (d2d.nn.policy's per-layer rules) and the
+# router-free exact-magnitude rule ("magnitude": gate and up on the input entries above a
+# per-layer threshold, down for the neurons whose |h| x |W_down row| passes another)
+ROUTER_RULES = ("tau", "threshold", "topk")
+FREE_RULES = ("magnitude",)
+PEERS = ("teal-style", "cats-style")
 
+
+def parse_rules(spec: str) -> list[str]:
     rules = [r.strip() for r in str(spec).split(",") if r.strip()]
-    bad = [r for r in rules if r not in LAYER_RULES]
+    allowed = ROUTER_RULES + FREE_RULES
+    bad = [r for r in rules if r not in allowed]
     if bad or not rules:
-        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(LAYER_RULES)}")
+        raise D2DError(f"bad per-layer rule list {spec!r}: use some of {', '.join(allowed)}")
     return rules
 
 
@@ -69,7 +76,17 @@ class CalibrateConfig(SampleFields):
         default="tau,threshold,topk",
         metadata={
             "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
-            "norm), topk (fixed k per layer)."
+            "norm), topk (fixed k per layer); magnitude (no router: gate and up on the input "
+            "entries above a per-layer threshold, down for the units whose |h| x |W_down row| "
+            "passes another; both allocated per layer, best with --expert-size 1)."
+        },
+    )
+    peers: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure the training-free peers at each budget: TEAL-style (one "
+            "magnitude threshold per FFN matrix input) and CATS-style (gate in full, "
+            "|act(gate)| threshold; gated FFNs)."
         },
     )
     budgets: str = field(
@@ -140,37 +157,94 @@ def sweep(
     Returns (rows, measurements) in the same order; `scores="oracle"` ranks experts by their
     true output norms instead of the routers' predictions (the ceiling of a rule). The
     per-layer allocation reads `sensitivity_ev`'s batches (default: `ev`'s)."""
-    from d2d.measure.sensitivity import allocate, layer_sensitivity
+    from d2d.measure.sensitivity import allocate, layer_sensitivity, magnitude_table
     from d2d.nn.policy import ALL, layer_policy
+    from d2d.nn.structure import moe_layers
 
+    routers = all(m.router is not None for m in moe_layers(model).values())
     dense = ev.measure(model, ALL, progress, "dense reference")
     rows = [_row("dense", {"rule": "all"}, dense, dense.quality, ev.metric)]
     measured = [dense]
     sink = cfg.dense_sink
     extra = {} if scores == "router" else {"scores": scores}
-    taus = parse_taus(cfg.taus)
-    for j, tau in enumerate(taus):
-        pol = {"rule": "tau", "tau": tau, "dense_positions": sink, **extra}
+    taus = parse_taus(cfg.taus) if routers or scores == "oracle" else []
+    rules = parse_rules(cfg.layer_rules)
+    if not (routers or scores == "oracle"):
+        rules = [r for r in rules if r in FREE_RULES]
+
+    def add(rule: str, pol: dict, budget: float | None = None):
         measured.append(ev.measure(model, pol))
-        rows.append(_row("global-tau", pol, measured[-1], dense.quality, ev.metric))
+        rows.append(_row(rule, pol, measured[-1], dense.quality, ev.metric))
+        if budget is not None:
+            rows[-1]["budget"] = budget
+
+    for j, tau in enumerate(taus):
+        add("global-tau", {"rule": "tau", "tau": tau, "dense_positions": sink, **extra})
         progress("global tau sweep", j + 1, len(taus), tau=tau)
-    if cfg.per_layer:
+    if cfg.per_layer or cfg.peers:
         sens_ev = sensitivity_ev or ev
         sens = layer_sensitivity(model, sens_ev, sink, cfg.sensitivity_tokens, cfg.seed, scores)
         budgets = set(parse_budgets(cfg.budgets))
         if cfg.target_flops:
             budgets.add(cfg.target_flops)
         budgets = sorted(budgets, reverse=True)
-        for rule in parse_rules(cfg.layer_rules):
-            table = sens.table(rule)
+        for rule in rules if cfg.per_layer else []:
+            free = rule in FREE_RULES
+            table = magnitude_table(sens) if free else sens.table(rule)
             for j, b in enumerate(budgets):
-                pol = layer_policy(rule, allocate(table, b), sink, **extra)
-                measured.append(ev.measure(model, pol))
-                row = _row(f"per-layer-{rule}", pol, measured[-1], dense.quality, ev.metric)
-                row["budget"] = b
-                rows.append(row)
+                got = allocate(table, b)
+                if free:
+                    pol = magnitude_policy(got, sink)
+                else:
+                    pol = layer_policy(rule, got, sink, **extra)
+                add(f"per-layer-{rule}", pol, b)
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
+        for j, b in enumerate(budgets if cfg.peers else []):
+            for name, pol in peer_policies(model, sens, b, sink).items():
+                add(name, pol, b)
+            progress("peers", j + 1, len(budgets), budget=b)
     return rows, measured
+
+
+def magnitude_policy(params: dict, sink: int) -> dict:
+    """The exact-magnitude rule's policy from per-layer (input, unit) thresholds."""
+    return {
+        "rule": "threshold",
+        "scores": "magnitude",
+        "thresholds": {str(i): t_h for i, (_, t_h) in params.items()},
+        "input_thresholds": {str(i): t_x for i, (t_x, _) in params.items()},
+        "dense_positions": sink,
+    }
+
+
+def peer_policies(model, sens, budget: float, sink: int) -> dict[str, dict]:
+    """The training-free peers at an FFN FLOPs budget, thresholds from calibration statistics:
+    TEAL-style keeps `budget` of every matrix's input (gate and up: x; down: h); CATS-style
+    computes the gate in full (a third of the FFN) and keeps (budget - 1/3) x 3/2 of the units
+    by |act(gate)| (gated FFNs, budgets above 1/3)."""
+    from d2d.measure.sensitivity import cats_thresholds, teal_thresholds
+
+    t_in, t_unit = teal_thresholds(sens, budget)
+    out = {
+        "teal-style": {
+            "rule": "threshold",
+            "scores": "activation",
+            "thresholds": {str(i): v for i, v in t_unit.items()},
+            "input_thresholds": {str(i): v for i, v in t_in.items()},
+            "dense_positions": sink,
+        }
+    }
+    gated = all(m.gated for m in sens.moes.values())
+    if gated and budget > 1 / 3:
+        keep = min(1.0, (budget - 1 / 3) * 1.5)
+        t = cats_thresholds(sens, keep)
+        out["cats-style"] = {
+            "rule": "threshold",
+            "scores": "gate",
+            "thresholds": {str(i): v for i, v in t.items()},
+            "dense_positions": sink,
+        }
+    return out
 
 
 def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_progress) -> dict:
@@ -179,8 +253,15 @@ def calibrate(model, tokenizer, cfg: CalibrateConfig, progress: Progress = null_
     from d2d.nn.structure import moe_layers
 
     moes = moe_layers(model)
-    if not moes or any(m.router is None for m in moes.values()):
-        raise D2DError("calibrate needs routers: run d2d train-routers first")
+    if not moes:
+        raise D2DError("calibrate needs a converted model: run d2d convert first")
+    free = cfg.peers or any(r in FREE_RULES for r in parse_rules(cfg.layer_rules))
+    if any(m.router is None for m in moes.values()) and not free:
+        raise StageOrderError(
+            "calibrate needs an artifact that went through 'train-routers' first: run d2d "
+            "train-routers on it, then d2d calibrate (or calibrate rules that need no routers: "
+            "--layer-rules magnitude, --peers)"
+        )
     ev = Evaluator.of(model, tokenizer, cfg, "calib")
     rows, measured = sweep(model, ev, cfg, progress)
     pick = choose(rows, cfg)
@@ -275,7 +356,7 @@ STAGE = Stage(
     CalibrateConfig,
     run,
     help="Sweep tau, measure FLOPs and quality, choose the operating point.",
-    requires=("convert", "train-routers"),
+    requires=("convert",),  # routers too, unless only router-free rules are calibrated
     summary=summary,
     view=view,
     about=about,
