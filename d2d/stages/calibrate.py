@@ -157,7 +157,7 @@ def sweep(
     Returns (rows, measurements) in the same order; `scores="oracle"` ranks experts by their
     true output norms instead of the routers' predictions (the ceiling of a rule). The
     per-layer allocation reads `sensitivity_ev`'s batches (default: `ev`'s)."""
-    from d2d.measure.sensitivity import allocate, layer_sensitivity, magnitude_table
+    from d2d.measure.sensitivity import allocate, layer_sensitivity
     from d2d.nn.policy import ALL, layer_policy
     from d2d.nn.structure import moe_layers
 
@@ -189,21 +189,29 @@ def sweep(
             budgets.add(cfg.target_flops)
         budgets = sorted(budgets, reverse=True)
         for rule in rules if cfg.per_layer else []:
-            free = rule in FREE_RULES
-            table = magnitude_table(sens) if free else sens.table(rule)
+            if rule in FREE_RULES:
+                continue
+            table = sens.table(rule)
             for j, b in enumerate(budgets):
-                got = allocate(table, b)
-                if free:
-                    pol = magnitude_policy(got, sink)
-                else:
-                    pol = layer_policy(rule, got, sink, **extra)
-                add(f"per-layer-{rule}", pol, b)
+                add(f"per-layer-{rule}", layer_policy(rule, allocate(table, b), sink, **extra), b)
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
-        for j, b in enumerate(budgets if cfg.peers else []):
-            for name, pol in peer_policies(model, sens, b, sink).items():
-                add(name, pol, b)
-            progress("peers", j + 1, len(budgets), budget=b)
+        free = cfg.per_layer and "magnitude" in rules
+        free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress)
     return rows, measured
+
+
+def free_rows(model, sens, budgets, sink: int, magnitude: bool, peers: bool, add, progress):
+    """The router-free rows at each budget: d2d's exact-magnitude rule (allocated per layer)
+    and the peers; `add(rule, policy, budget)` measures and records one."""
+    from d2d.measure.sensitivity import allocate, magnitude_table
+
+    table = magnitude_table(sens) if magnitude else None
+    for j, b in enumerate(budgets):
+        if table is not None:
+            add("per-layer-magnitude", magnitude_policy(allocate(table, b), sink), b)
+        for name, pol in (peer_policies(model, sens, b, sink) if peers else {}).items():
+            add(name, pol, b)
+        progress("router-free rules", j + 1, len(budgets), budget=b)
 
 
 def magnitude_policy(params: dict, sink: int) -> dict:

@@ -22,11 +22,22 @@ class EvalConfig(SampleFields):
     compare_rules: bool = field(
         default=False,
         metadata={
-            "help": "Also measure every routing rule (global tau, per-layer tau / threshold / "
-            "top-k at calibrate's budgets, static top-k) with the routers' scores and with an "
-            "oracle's (true expert norms), and the share of the oracle's savings the routers "
-            "reach at equal quality."
+            "help": "Also measure the routing rules of --compare on the same held-out tokens, "
+            "and the share of the oracle's FFN savings the routers reach at equal quality."
         },
+    )
+    compare: str = field(
+        default="router,oracle",
+        metadata={
+            "help": "Rule families for --compare-rules: router and oracle (global tau, "
+            "per-layer tau / threshold / top-k, static top-k, ranked by the routers or by the "
+            "true norms), peers (TEAL-style, CATS-style), magnitude (router-free exact "
+            "magnitude)."
+        },
+    )
+    compare_budgets: str = field(
+        default="0.95,0.9,0.85,0.8,0.7,0.6,0.5,0.4,0.3,0.2",
+        metadata={"help": "FFN FLOPs budgets of the per-layer rules and peers compared."},
     )
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
@@ -34,6 +45,15 @@ class EvalConfig(SampleFields):
     def __post_init__(self):
         if self.tau is not None and not 0.0 <= self.tau <= 1.0:
             raise D2DError(f"tau must be in [0, 1], got {self.tau}")
+        fams = [f.strip() for f in self.compare.split(",") if f.strip()]
+        bad = [f for f in fams if f not in COMPARE_FAMILIES]
+        if bad or not fams:
+            raise D2DError(
+                f"bad --compare {self.compare!r}: use some of {', '.join(COMPARE_FAMILIES)}"
+            )
+        from d2d.options import parse_budgets
+
+        parse_budgets(self.compare_budgets)
         super().__post_init__()
 
 
@@ -102,38 +122,61 @@ def run(art, cfg: EvalConfig, progress):
     return out, {}
 
 
+COMPARE_FAMILIES = ("router", "oracle", "peers", "magnitude")
 COMPARE_TAUS = "0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2"
 COMPARE_TOPK = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 COMPARE_DROPS = (0.01, 0.02, 0.05, 0.1)
 
 
 def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
-    """Every rule with router and with oracle scores on `ev` (held-out), per-layer budgets
-    allocated from calibration-split sensitivity; and the router / oracle savings ratio."""
+    """The rule families of `--compare` on `ev` (held-out), per-layer budgets allocated from
+    calibration-split sensitivity: "router" and "oracle" (every rule with the routers' or the
+    true norms' ranking, and static top-k), "peers" (TEAL-style, CATS-style) and "magnitude"
+    (d2d's router-free exact-magnitude rule); and the router / oracle savings ratio."""
     from d2d.measure.evaluate import Evaluator
+    from d2d.measure.sensitivity import layer_sensitivity
+    from d2d.nn.policy import ALL
     from d2d.nn.structure import moe_layers
-    from d2d.stages.calibrate import CalibrateConfig, _row, sweep
+    from d2d.options import parse_budgets
+    from d2d.stages.calibrate import CalibrateConfig, _row, free_rows, sweep
 
+    fams = [f.strip() for f in cfg.compare.split(",") if f.strip()]
     moes = moe_layers(art.model)
-    if not moes or any(m.router is None for m in moes.values()):
-        raise D2DError("--compare-rules needs routers: run d2d train-routers first")
+    if not moes:
+        raise D2DError("--compare-rules needs a converted model: run d2d convert first")
+    routers = all(m.router is not None for m in moes.values())
+    if "router" in fams and not routers:
+        raise D2DError(
+            "--compare router needs routers: run d2d train-routers first, or leave router out"
+        )
     sink = chosen_policy(art, cfg.tau).get("dense_positions", 1) if art.meta.get("routing") else 1
+    budgets = parse_budgets(cfg.compare_budgets)
     sw = CalibrateConfig(
         data=cfg.data, doc_split=cfg.doc_split, seq_len=cfg.seq_len, taus=COMPARE_TAUS,
         dense_sink=sink, sensitivity_tokens=2048, seed=cfg.seed, bf16=cfg.bf16,
+        budgets=cfg.compare_budgets, layer_rules="tau,threshold,topk",
     )  # fmt: skip
     cal = Evaluator.of(art.model, art.tokenizer, cfg, "calib", 2048)
+    dense_q = ev.measure(art.model, ALL).quality
     rows = []
-    for scores in ("router", "oracle"):
-        got, _ = sweep(art.model, ev, sw, progress, scores, sensitivity_ev=cal)
-        dense_q = got[0]["quality"]
-        for r in got[1:]:
-            rows.append({**r, "scores": scores})
+    for scores in [f for f in ("router", "oracle") if f in fams]:
+        if routers:
+            got, _ = sweep(art.model, ev, sw, progress, scores, sensitivity_ev=cal)
+            rows += [{**r, "scores": scores} for r in got[1:]]
         for f in COMPARE_TOPK:
             pol = {"rule": "topk", "fraction": f, "scores": scores, "dense_positions": sink}
             row = _row("static-topk", pol, ev.measure(art.model, pol), dense_q, ev.metric)
             rows.append({**row, "scores": scores, "fraction": f})
-        progress("comparing rules", 1 + (scores == "oracle"), 2)
+        progress(f"comparing rules ({scores} scores)", 1, 1)
+    if "peers" in fams or "magnitude" in fams:
+        sens = layer_sensitivity(art.model, cal, sink, 2048, cfg.seed)
+
+        def add(rule: str, pol: dict, budget: float) -> None:
+            row = _row(rule, pol, ev.measure(art.model, pol), dense_q, ev.metric)
+            rows.append({**row, "scores": pol["scores"], "budget": budget})
+
+        free_rows(art.model, sens, budgets, sink, "magnitude" in fams, "peers" in fams, add,
+                  progress)  # fmt: skip
     for r in rows:
         r.pop("layer_fractions", None)
     return {"dense_quality": dense_q, "rows": rows, "savings": savings_ratio(rows)}

@@ -1,0 +1,165 @@
+"""Routing without routers: the training-free peers (TEAL-style, CATS-style) and d2d's
+exact-magnitude rule against hand computations on a tiny model; single-neuron experts; their
+FLOPs; calibrate and eval --compare-rules with them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import outputs, tiny
+
+from d2d.measure.flops import converted_ffn_flops, dense_ffn_macs
+from d2d.nn.routing import collecting, routing
+from d2d.nn.structure import moe_layers
+from d2d.stages import ConvertConfig, convert
+
+
+def single(family="gated"):
+    m = tiny(family)
+    convert(m, ConvertConfig(expert_size=1))
+    return m
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2", "bert"])
+@pytest.mark.parametrize("size", [1, 2, 4, 16])
+def test_every_unit_selected_equals_dense(family, size):
+    ids = torch.randint(1, 96, (2, 12))
+    ref = outputs(tiny(family), ids)
+    m = tiny(family)
+    convert(m, ConvertConfig(expert_size=size))
+    for policy in (
+        {"rule": "all"},
+        {"rule": "threshold", "scores": "magnitude", "thresholds": {"0": 0.0, "1": 0.0}},
+        {"rule": "topk", "fraction": 1.0, "scores": "oracle"},
+    ):
+        with routing(m, policy):
+            torch.testing.assert_close(outputs(m, ids), ref)
+
+
+def _ffn_input(m, ids, layer=1):
+    got = {}
+    h = moe_layers(m)[layer].register_forward_pre_hook(lambda mod, a: got.setdefault("x", a[0]))
+    with torch.no_grad():
+        m(input_ids=ids)
+    h.remove()
+    return got["x"].reshape(-1, got["x"].shape[-1])
+
+
+def _dense_ffn(layer):
+    """The original FFN's weights, back in neuron order."""
+    inv = torch.argsort(layer.perm)
+    return layer.w_gate[inv], layer.w_in[inv], layer.w_out[inv]
+
+
+def test_teal_style_by_hand():
+    m = single()
+    ids = torch.randint(1, 96, (1, 10))
+    layer = moe_layers(m)[1]
+    x = _ffn_input(m, ids)
+    t_in, t_h = 0.4, 0.05
+    pol = {
+        "rule": "threshold", "scores": "activation", "thresholds": {"1": t_h},
+        "input_thresholds": {"1": t_in},
+    }  # fmt: skip
+    with routing(m, pol), torch.no_grad():
+        got = layer(x)
+    wg, wu, wd = _dense_ffn(layer)
+    xs = x * (x.abs() >= t_in)
+    h = F.silu(xs @ wg.t()) * (xs @ wu.t())
+    keep = (h.abs() >= t_h) | (h.abs() >= h.abs().amax(-1, keepdim=True))
+    torch.testing.assert_close(got, (h * keep) @ wd)
+
+
+def test_cats_style_by_hand():
+    m = single()
+    ids = torch.randint(1, 96, (1, 10))
+    layer = moe_layers(m)[1]
+    x = _ffn_input(m, ids)
+    t = 0.1
+    with routing(m, {"rule": "threshold", "scores": "gate", "thresholds": {"1": t}}):
+        with torch.no_grad():
+            got = layer(x)
+    wg, wu, wd = _dense_ffn(layer)
+    ga = F.silu(x @ wg.t())
+    keep = (ga.abs() >= t) | (ga.abs() >= ga.abs().amax(-1, keepdim=True))
+    torch.testing.assert_close(got, (ga * (x @ wu.t()) * keep) @ wd)
+
+
+def test_magnitude_scores_weigh_by_the_down_row():
+    m = single()
+    layer = moe_layers(m)[1]
+    x = _ffn_input(m, torch.randint(1, 96, (1, 10)))
+    with routing(m, {"rule": "threshold", "scores": "magnitude", "thresholds": {"1": 0.0}}):
+        h = layer.hidden(x)
+        s = layer.scores(x, h)
+    torch.testing.assert_close(s, h.abs() * layer.w_out.norm(dim=-1))
+    torch.testing.assert_close(s, layer.expert_norms(h))  # exact for single neurons
+
+
+def test_the_sink_reads_its_whole_input():
+    m = single()
+    ids = torch.randint(1, 96, (2, 8))
+    ref = outputs(tiny("gated"), ids)
+    pol = {"rule": "all", "input_thresholds": {"0": 1e9, "1": 1e9}, "dense_positions": 8}
+    with routing(m, pol):
+        torch.testing.assert_close(outputs(m, ids), ref)
+
+
+def test_flops_of_each_score_kind_by_hand():
+    """d = 32, f = 64, gated: gate and up 2 d f, down d f per token."""
+    m = single()
+    ids = torch.randint(1, 96, (2, 16))
+    d, f = 32, 64
+    dense = sum(dense_ffn_macs(m))
+    assert dense == 2 * 3 * d * f
+
+    def measured(pol):
+        with routing(m, pol), collecting(m) as st, torch.no_grad():
+            m(input_ids=ids)
+            macs = converted_ffn_flops(m, st) / 2  # under the policy: its cost model
+        per = {i: s.fraction(moe_layers(m)[i].n_experts) for i, s in st.items()}
+        kx = {i: s.input_fraction() for i, s in st.items()}
+        return macs, per, kx
+
+    t = {"0": 0.3, "1": 0.3}
+    got, k, _ = measured({"rule": "threshold", "scores": "gate", "thresholds": t})
+    assert got == pytest.approx(sum(d * f + k[i] * 2 * d * f for i in k))
+    pol = {"rule": "threshold", "scores": "activation", "thresholds": {"0": 0.05, "1": 0.05},
+           "input_thresholds": {"0": 0.5, "1": 0.5}}  # fmt: skip
+    got, k, kx = measured(pol)
+    assert 0 < kx[0] < 1 and 0 < k[0] < 1
+    assert got == pytest.approx(sum(kx[i] * 2 * d * f + k[i] * d * f for i in k))
+    got, k, _ = measured({"rule": "topk", "fraction": 0.25, "scores": "oracle"})
+    assert got == pytest.approx(sum(k[i] * 3 * d * f for i in k))
+
+
+def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
+    from d2d.stages import CalibrateConfig, run_stage
+
+    conv = tmp_path / "c"
+    run_stage("convert", model_dirs["gated"], ConvertConfig(expert_size=1), conv)
+    cfg = CalibrateConfig(
+        tokens=256, seq_len=64, sensitivity_tokens=128, budgets="0.8,0.5",
+        layer_rules="magnitude", peers=True, max_quality_drop=10.0,
+    )  # fmt: skip
+    rec = run_stage("calibrate", str(conv), cfg, tmp_path / "k")
+    rows = rec.meta["calibration"]["rows"]
+    names = {(r["rule"], r.get("budget")) for r in rows}
+    for rule in ("per-layer-magnitude", "teal-style", "cats-style"):
+        assert (rule, 0.8) in names and (rule, 0.5) in names
+    for r in rows[1:]:
+        assert r["ffn_fraction"] < 1.0  # each of them skips work
+    teal = {r["budget"]: r["ffn_fraction"] for r in rows if r["rule"] == "teal-style"}
+    assert teal[0.5] == pytest.approx(0.5, abs=0.1)  # thresholds keep about that share
+    from d2d import load
+
+    load(tmp_path / "k")  # the chosen router-free policy routes the loaded model
+
+
+def test_calibrate_without_routers_needs_a_router_free_rule(model_dirs, tmp_path):
+    from d2d.errors import StageOrderError
+    from d2d.stages import CalibrateConfig, run_stage
+
+    conv = tmp_path / "c"
+    run_stage("convert", model_dirs["gated"], ConvertConfig(expert_size=1), conv)
+    with pytest.raises(StageOrderError, match="--layer-rules magnitude"):
+        run_stage("calibrate", str(conv), CalibrateConfig(tokens=128, seq_len=32), tmp_path / "k")
