@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2d.device import use_bf16
 from d2d.errors import D2DError
 from d2d.measure.evaluate import batches_for
 from d2d.nn.moe import MoEFFN, Router
@@ -56,7 +57,7 @@ def capture(
     try:
         with routing(model, ALL):
             for j, b in enumerate(batches):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(bf16)):
                     model(**b)
                 progress(task, j + 1, len(batches))
     finally:

@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from d2d.device import device_type, use_bf16
 from d2d.dist import is_main_process
 from d2d.errors import D2DError
 from d2d.io import atomic_dir
@@ -144,12 +145,11 @@ def _accelerator(cfg: LoopConfig):
     # Accelerate keeps its settings in a process-wide singleton; each training run sets its own
     # mixed precision (the process group, if any, is kept)
     AcceleratorState._reset_state()
-    cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 and (not cuda or torch.cuda.is_bf16_supported())
+    bf16 = use_bf16(cfg.bf16, device_type())
     return Accelerator(
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=not cuda,
+        cpu=device_type() == "cpu",
     )
 
 

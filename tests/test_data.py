@@ -118,3 +118,20 @@ def test_gguf_reader_bar_is_silenced_and_restored():
     assert gguf_utils.tqdm.keywords == {"disable": True}
     undo()
     assert gguf_utils.tqdm is bar
+
+
+def test_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    """bf16 products without native support are ~200x slower than fp32 on a CPU: asked-for
+    bf16 autocast is used only where AVX512-BF16 / AMX (or a bf16 GPU) is present."""
+    import torch
+
+    from d2d import device
+
+    device.bf16_native.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not device.use_bf16(True, "cpu") and not device.use_bf16(False, "cpu")
+    device.bf16_native.cache_clear()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert device.use_bf16(True, "cpu") and not device.use_bf16(False, "cpu")
+    device.bf16_native.cache_clear()

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the lowest rank first; a module may import only from its own rank or below
 LAYERS = [
     ("base", ["d2d.errors", "d2d.progress", "d2d.dist", "d2d.bundled", "d2d.io"]),
-    ("base", ["d2d.options", "d2d.lineage", "d2d.__version__"]),
+    ("base", ["d2d.options", "d2d.lineage", "d2d.device", "d2d.__version__"]),
     ("arch", ["d2d.arch"]),
     ("nn", ["d2d.nn"]),
     ("models, data, artifact", ["d2d.data", "d2d.models", "d2d.cluster", "d2d.artifact"]),

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from d2d.data import encode_docs, lm_windows, load_corpus
+from d2d.device import use_bf16
 from d2d.errors import D2DError
 from d2d.measure.flops import dense_ffn_macs, fractions
 from d2d.models import task_of
@@ -62,10 +63,11 @@ def batches_for(
 
 def forward(model, batch: dict, bf16: bool):
     """No-grad forward of a batch (keys ending in "_" are not model inputs) on the model's
-    device, under bf16 autocast when asked."""
+    device, under bf16 autocast when asked and the device runs it natively."""
     device = next(model.parameters()).device
     kw = {k: v.to(device) for k, v in batch.items() if not k.endswith("_")}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    on = use_bf16(bf16, device.type)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=on):
         return model(**kw)
 
 

@@ -170,13 +170,20 @@ INPUT_KEEP = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 UNIT_KEEP = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
 
 
-def quantile(v: torch.Tensor, q: float, cap: int = 2**22) -> float:
-    """The q-quantile of a tensor's values (a seeded subsample of `cap` values above that)."""
+def quantiles(v: torch.Tensor, qs, cap: int = 2**20) -> list[float]:
+    """The qs-quantiles of a tensor's values (of a seeded subsample of `cap` values above that),
+    from one sort."""
     v = v.flatten().float()
     if v.numel() > cap:
         g = torch.Generator().manual_seed(0)
         v = v[torch.randint(v.numel(), (cap,), generator=g)]
-    return float(torch.quantile(v, q)) if v.numel() else 0.0
+    if not v.numel():
+        return [0.0 for _ in qs]
+    return torch.quantile(v, torch.tensor(list(qs), dtype=v.dtype)).tolist()
+
+
+def quantile(v: torch.Tensor, q: float) -> float:
+    return quantiles(v, [q])[0]
 
 
 class LayerSample:
@@ -219,13 +226,15 @@ def magnitude_table(sens) -> dict[int, tuple[np.ndarray, np.ndarray, list[tuple[
         gate_up, down = (2 if m.gated else 1) * d * f, d * f
         ax = s.x.abs()[s.free]
         fr, cost, params = [], [], []
-        for px in INPUT_KEEP:
-            t_x = 0.0 if px >= 1 else quantile(ax, 1 - px)
+        t_xs = quantiles(ax, [1 - px for px in INPUT_KEEP])
+        for px, t_x in zip(INPUT_KEEP, t_xs, strict=True):
+            t_x = 0.0 if px >= 1 else t_x
             xin, kx = s.kept_input(t_x)
             hx = h if t_x <= 0 else m.hidden(xin)
             mag = m.block_norm(hx * wn)
-            for pk in UNIT_KEEP:
-                t_h = 0.0 if pk >= 1 else quantile(mag[s.free], 1 - pk)
+            t_hs = quantiles(mag[s.free], [1 - pk for pk in UNIT_KEEP])
+            for pk, t_h in zip(UNIT_KEEP, t_hs, strict=True):
+                t_h = 0.0 if pk >= 1 else t_h
                 mask = (
                     rule_mask("threshold", mag, t_h)
                     if t_h > 0

@@ -26,6 +26,7 @@ import torch
 
 from d2d import __version__
 from d2d.data import encode_docs, lm_windows, load_corpus
+from d2d.device import bf16_native
 from d2d.errors import D2DError
 from d2d.measure.evaluate import batches_for, forward
 from d2d.measure.flops import fractions
@@ -57,6 +58,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "sparse_kernel": "available" if kernels.load() is not None else kernels.why_not(),
+        "bf16_native": bf16_native("cpu"),
     }
 
 

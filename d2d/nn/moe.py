@@ -152,6 +152,8 @@ class MoEFFN(nn.Module):
     def expert_norms(self, h: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """True L2 norm of each expert's output [N, E] (the quantity routers regress)."""
         n, (E, s) = h.shape[0], (self.n_experts, self.expert_size)
+        if s == 1:  # a single neuron's output is h_j times its down-projection row
+            return h.abs() * self.neuron_weights().to(h.dtype)
         w = self.w_out.view(E, s, self.d_model)
         out = []
         for i in range(0, n, chunk):

@@ -162,6 +162,7 @@ def run_stage(
     if out is not None and Path(out).exists() and not overwrite and spec.writes_artifact:
         raise D2DError(f"output {out} already exists: choose another --out or pass --overwrite")
     from d2d.artifact import Artifact, save
+    from d2d.device import device_type, use_bf16
     from d2d.dist import is_main_process
     from d2d.measure.memory import PeakMemory
 
@@ -185,6 +186,8 @@ def run_stage(
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - t0, 2),
         peak_rss_mb=round(mem.peak_mb, 1),
+        # bf16 was asked for and the hardware runs it natively (else the stage computed in fp32)
+        bf16_autocast=use_bf16(getattr(cfg, "bf16", False), device_type()),
         metrics=metrics,
     )
     if structure:

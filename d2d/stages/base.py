@@ -107,7 +107,10 @@ class DataFields:
         },
     )
     seq_len: int = field(default=256, metadata={"help": "Tokens per sequence."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast where supported."})
+    bf16: bool = field(
+        default=True,
+        metadata={"help": "bf16 autocast where the hardware runs it natively (else fp32)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the data split (and init)."})
 
     def __post_init__(self):

@@ -158,7 +158,7 @@ def view(record: dict) -> list:
     out.append(
         f"machine: {mach['cpu']}, {mach['torch_threads']} torch threads of "
         f"{mach['cpu_count']} CPUs, torch {mach['torch']}, sparse kernel: "
-        f"{mach['sparse_kernel']}"
+        f"{mach['sparse_kernel']}, native bf16: {'yes' if mach.get('bf16_native') else 'no'}"
     )
     return out
 
