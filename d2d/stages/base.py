@@ -13,9 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from d2d.errors import D2DError
-from d2d.options import LoopConfig
-
-DOC_SPLITS = ("auto", "line", "paragraph", "file")
+from d2d.options import LoopConfig, check_doc_split
 
 
 @dataclass
@@ -114,10 +112,7 @@ class DataFields:
     seed: int = field(default=0, metadata={"help": "Seed of the data split (and init)."})
 
     def __post_init__(self):
-        if self.doc_split not in DOC_SPLITS:
-            raise D2DError(
-                f"doc-split must be one of {', '.join(DOC_SPLITS)}, got {self.doc_split!r}"
-            )
+        check_doc_split(self.doc_split)
         if self.seq_len < 2:
             raise D2DError(f"seq-len must be >= 2, got {self.seq_len}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
+from d2d.options import parse_budgets
 from d2d.stages.base import SampleFields, Stage, Table, change, pct
 
 
@@ -51,8 +52,6 @@ class EvalConfig(SampleFields):
             raise D2DError(
                 f"bad --compare {self.compare!r}: use some of {', '.join(COMPARE_FAMILIES)}"
             )
-        from d2d.options import parse_budgets
-
         parse_budgets(self.compare_budgets)
         super().__post_init__()
 
@@ -137,7 +136,6 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
     from d2d.measure.sensitivity import layer_sensitivity
     from d2d.nn.policy import ALL
     from d2d.nn.structure import moe_layers
-    from d2d.options import parse_budgets
     from d2d.stages.calibrate import CalibrateConfig, _row, free_rows, sweep
 
     fams = [f.strip() for f in cfg.compare.split(",") if f.strip()]
