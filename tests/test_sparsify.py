@@ -232,8 +232,92 @@ def test_neuron_oracle_keeps_the_largest_activations():
         ({"warmup": 1.0}, "warmup is a fraction"),
         ({"weight_warmup": 1.5}, "weight-warmup"),
         ({"penalty": "l2"}, "penalty must be one of"),
+        ({"penalty_on": "up"}, "penalty-on must be one of|penalty_on must be one of"),
+        ({"distill_weight": -1.0}, "distill"),
     ],
 )
 def test_bad_options_are_refused_when_the_config_is_built(bad, match):
     with pytest.raises(D2DError, match=match):
         SparsifyConfig(**bad)
+
+
+def test_distill_kl_by_hand():
+    from d2d.stages.sparsify import distill_kl
+
+    # two positions over a 3-word vocabulary
+    s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])
+    t = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+
+    def kl(p_logits, q_logits):
+        p = [math.exp(v) for v in p_logits]
+        p = [v / sum(p) for v in p]
+        q = [math.exp(v) for v in q_logits]
+        q = [v / sum(q) for v in q]
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+    k0, k1 = kl(t[0].tolist(), s[0].tolist()), kl(t[1].tolist(), s[1].tolist())
+    assert distill_kl(s, t).item() == pytest.approx((k0 + k1) / 2, rel=1e-5)
+    assert distill_kl(s, t, torch.tensor([1, 0])).item() == pytest.approx(k0, rel=1e-5)
+    assert distill_kl(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    # the teacher carries no gradient; the student does
+    s = s.clone().requires_grad_(True)
+    tt = t.clone().requires_grad_(True)
+    distill_kl(s, tt).backward()
+    assert tt.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_gate_target_taps_the_gate_activation():
+    from tiny import outputs, tiny
+
+    from d2d import arch
+
+    model = tiny("gated")
+    ids = torch.randint(1, 90, (2, 12))
+    fam = arch.detect(model)
+    block = arch.blocks(model, fam)[0]
+    x = []
+    h = block.mlp.register_forward_pre_hook(lambda m, a: x.append(a[0]))
+    with tapped(model, "gate") as gates, tapped(model) as hidden:
+        outputs(model, ids)
+    h.remove()
+    mlp = block.mlp
+    want = mlp.act_fn(mlp.gate_proj(x[0]))
+    assert len(gates) == len(hidden) == 2
+    torch.testing.assert_close(gates[0], want)
+    torch.testing.assert_close(hidden[0], want * mlp.up_proj(x[0]))
+    model = tiny("gpt2")  # not gated: the activation's output is the down projection's input
+    with tapped(model, "gate") as gates, tapped(model) as hidden:
+        outputs(model, ids)
+    for g, hh in zip(gates, hidden, strict=True):
+        torch.testing.assert_close(g, hh)
+
+
+def test_distill_keeps_the_student_closer_to_its_teacher(model_dirs, text_dir, tmp_path):
+    """A strong penalty with and without the KL to the input model, same steps and data: with
+    it, the fine-tuned model's outputs stay closer to the input model's."""
+    from tiny import outputs
+
+    base = dict(data=text_dir, weight=0.5, steps=8, batch_size=4, lr=3e-3, **FAST)
+    plain = run_stage("sparsify", model_dirs["gated"], SparsifyConfig(**base), tmp_path / "p")
+    cfg = SparsifyConfig(**base, distill=True, distill_weight=5.0, penalty_on="gate")
+    dist = run_stage("sparsify", model_dirs["gated"], cfg, tmp_path / "d")
+    hist = dist["metrics"]["history"]
+    assert all("kl" in h for h in hist) and "kl" not in plain["metrics"]["history"][0]
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first step starts at the teacher
+    ids = torch.randint(1, 90, (4, 24))
+    from d2d.models import load_base
+
+    teacher = outputs(load_base(model_dirs["gated"]).model, ids).log_softmax(-1)
+
+    def kl_to_teacher(folder):
+        s = outputs(load_artifact(folder).model, ids).log_softmax(-1)
+        return float((teacher.exp() * (teacher - s)).sum(-1).mean())
+
+    assert kl_to_teacher(tmp_path / "d") < kl_to_teacher(tmp_path / "p")
+
+
+def test_distill_refuses_a_new_head(model_dirs, text_dir, tmp_path):
+    cfg = SparsifyConfig(data=text_dir, steps=1, batch_size=2, distill=True, **FAST)
+    with pytest.raises(D2DError, match="--distill needs"):
+        run_stage("sparsify", model_dirs["bert"], cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

@@ -56,20 +56,34 @@ def penalty(acts: list[torch.Tensor], kind: str, mask: torch.Tensor | None = Non
 # --- reading and changing the FFN activations ---------------------------------------------
 
 
+TAP_TARGETS = ("hidden", "gate")
+
+
 @contextmanager
-def tapped(model: nn.Module):
-    """Collect each block's FFN intermediate activations (graph kept) during forwards."""
+def tapped(model: nn.Module, target: str = "hidden"):
+    """Collect each block's FFN activations (graph kept) during forwards. `target`: "hidden",
+    the down projection's input (act(gate) * up where the FFN is gated), or "gate", the
+    activation function's output (act(gate) alone; the same as "hidden" where not gated)."""
     model = getattr(model, "module", model)  # under DDP, the wrapped model
     fam = arch.detect(model)
     acts: list[torch.Tensor] = []
     handles = []
+    seen: set[int] = set()  # an activation module shared by blocks is hooked once
+
+    def pre_hook(mod, args):
+        acts.append(args[0])
+
+    def post_hook(mod, args, out):
+        acts.append(out)
+
     for block in arch.blocks(model, fam):
-        down = arch.get_path(block, fam.w_out)
-
-        def hook(mod, args):
-            acts.append(args[0])
-
-        handles.append(down.register_forward_pre_hook(hook))
+        if target == "gate":
+            act = arch.get_path(block, fam.act)
+            if id(act) not in seen:
+                seen.add(id(act))
+                handles.append(act.register_forward_hook(post_hook))
+        else:
+            handles.append(arch.get_path(block, fam.w_out).register_forward_pre_hook(pre_hook))
     try:
         yield acts
     finally:

@@ -17,6 +17,7 @@ from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_
 TASKS = ("auto", "causal-lm", "classification")
 PENALTIES = ("hoyer", "l1")
 WEIGHT_SCHEDULES = ("linear", "constant")
+PENALTY_TARGETS = ("hidden", "gate")  # d2d.nn.activations.TAP_TARGETS (kept torch-free here)
 
 
 @dataclass
@@ -42,12 +43,30 @@ class SparsifyConfig(TrainFields):
         default=False,
         metadata={"help": "Swap the FFN activation for ReLU first (exact zeros)."},
     )
+    penalty_on: str = field(
+        default="hidden",
+        metadata={
+            "help": "What the penalty reads: hidden (the down projection's input) or gate "
+            "(the gate's activation alone, in gated FFNs; the same as hidden elsewhere)."
+        },
+    )
+    distill: bool = field(
+        default=False,
+        metadata={
+            "help": "Add a KL divergence to the frozen input model's output distribution "
+            "(keeps the fine-tune close to the model it started from on little data)."
+        },
+    )
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation KL beside the task loss."}
+    )
 
     def __post_init__(self):
         one_of("task", self.task, TASKS)
         one_of("penalty", self.penalty, PENALTIES)
         one_of("schedule", self.schedule, WEIGHT_SCHEDULES)
-        at_least(self, 0, "weight")
+        one_of("penalty_on", self.penalty_on, PENALTY_TARGETS)
+        at_least(self, 0, "weight", "distill_weight")
         if not 0 <= self.weight_warmup <= 1:
             raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
         super().__post_init__()
@@ -60,6 +79,21 @@ def weight_at(step: int, steps: int, weight: float, schedule: str, warmup: float
         return weight
     ramp = max(1, math.ceil(warmup * steps))
     return weight * min(1.0, (step + 1) / ramp)
+
+
+def distill_kl(student, teacher, mask=None):
+    """KL(teacher || student) between the softmax distributions of two logit tensors
+    [..., V], summed over the vocabulary and averaged over positions (the real ones, where
+    `mask` [...] is given). The teacher carries no gradient."""
+    import torch.nn.functional as F
+
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.detach().float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
 
 
 def resolve_task(current: str, cfg: SparsifyConfig, has_labels: bool, model_name: str) -> str:
@@ -95,6 +129,7 @@ class SparsifyTask:
     inputs: dict  # name -> tensor [N, ...]
     cfg: SparsifyConfig
     evaluate_fn: object
+    teacher: object = None  # the frozen input model, for --distill
 
     @property
     def n_examples(self) -> int:
@@ -111,12 +146,22 @@ class SparsifyTask:
         kw = dict(batch)
         if self.kind == "causal-lm":
             kw["labels"] = kw["input_ids"]
-        with tapped(model) as acts:
+        with tapped(model, c.penalty_on) as acts:
             out = model(**kw)
         mask = batch.get("attention_mask")
         pen = penalty(acts, c.penalty, mask)
         task_loss = out.loss.float()
         loss = task_loss + w * pen if w > 0 else task_loss
+        kl = None
+        if self.teacher is not None:
+            import torch
+
+            with torch.no_grad():
+                t_logits = self.teacher(**{k: v for k, v in kw.items() if k != "labels"}).logits
+            # a classifier's logits are per example: the token mask does not apply
+            kl_mask = mask if self.kind == "causal-lm" else None
+            kl = distill_kl(out.logits, t_logits, kl_mask)
+            loss = loss + c.distill_weight * kl
         stats = sparsity_stats(acts, mask)
         n = max(1, sum(k for _, _, k in stats))
         logs = {
@@ -126,6 +171,8 @@ class SparsifyTask:
             "sparsity": sum(nz for _, nz, _ in stats) / n,
             "zeros": sum(z for z, _, _ in stats) / n,
         }
+        if kl is not None:
+            logs["kl"] = float(kl.detach())
         return loss, logs
 
     def evaluate(self, model) -> dict:
@@ -150,6 +197,17 @@ def run(art, cfg: SparsifyConfig, progress, out=None):
     name = type(art.model).__name__
     task = resolve_task(task_of(art.model), cfg, corpus.labels is not None, name)
     structure: dict = {"task": task, "relu": cfg.relu}
+    teacher = None
+    if cfg.distill:
+        if task_of(art.model) != task:
+            raise D2DError(
+                f"--distill needs the input model's own outputs, and {name} has no "
+                f"{task} head yet: fine-tune it without --distill"
+            )
+        import copy
+
+        teacher = copy.deepcopy(art.model).eval()
+        teacher.requires_grad_(False)
     if task == "classification":
         art.model = with_classification_head(art.model, corpus.label_names, cfg.seed)
         art.meta["model_class"] = type(art.model).__name__
@@ -183,7 +241,7 @@ def run(art, cfg: SparsifyConfig, progress, out=None):
     before = evaluate(model) if main else None
     if main:
         progress("held-out before", 1, 1, quality=before["quality"])
-    st = SparsifyTask(task, inputs, cfg, evaluate)
+    st = SparsifyTask(task, inputs, cfg, evaluate, teacher)
     result = train_stage(model, st, cfg, art.meta["base"]["source"], out, progress, "sparsify")
     if not main:
         return {"task": task, "history": thin(result.history, 200)}, structure
