@@ -3,7 +3,15 @@
 k-means (scikit-learn) gives the centroids; each Lloyd step then assigns neurons to centroids
 under the constraint that every cluster holds exactly `size` neurons. For FFN widths up to
 `exact_limit` the constrained assignment is solved exactly as a linear assignment problem
-(scipy); beyond it a greedy pass (most decided neurons first) keeps the cost reasonable.
+(scipy), whose cost grows with the cube of the width; beyond it a greedy pass (the neurons
+with the clearest preference first) keeps a layer to seconds. Features wider than `max_dims`
+(the weight rows of a 4,096-wide model) are first reduced by a seeded Gaussian projection,
+which keeps distances to within a few percent and makes k-means' cost independent of the
+model's width.
+
+The features are either the neurons' weight rows or their co-activation profiles
+(`profile_sketch`): what each neuron's |activation| was on a set of tokens, normalised, so
+that neurons that fire on the same tokens land in the same expert.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
+
+MAX_DIMS = 1024  # features wider than this are projected to this many dimensions
+SKETCH_DIMS = 512  # dimensions of a co-activation profile sketch
 
 
 def _assign_exact(dist: np.ndarray, size: int) -> np.ndarray:
@@ -23,20 +34,35 @@ def _assign_exact(dist: np.ndarray, size: int) -> np.ndarray:
 
 def _assign_greedy(dist: np.ndarray, size: int) -> np.ndarray:
     n, k = dist.shape
-    order_within = np.sort(dist, axis=1)
-    margin = order_within[:, 1] - order_within[:, 0] if k > 1 else np.zeros(n)
+    prefs = np.argsort(dist, axis=1)  # each neuron's clusters, nearest first
+    rows = np.arange(n)
+    margin = dist[rows, prefs[:, 1]] - dist[rows, prefs[:, 0]] if k > 1 else np.zeros(n)
     labels = np.full(n, -1, dtype=np.int64)
     room = np.full(k, size)
     for i in np.argsort(-margin):
-        for c in np.argsort(dist[i]):
+        for c in prefs[i]:
             if room[c] > 0:
                 labels[i], room[c] = c, room[c] - 1
                 break
     return labels
 
 
+def project(points: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """Seeded Gaussian random projection to `dims` columns (unchanged if not wider)."""
+    if points.shape[1] <= dims:
+        return points
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((points.shape[1], dims), dtype=np.float32) / np.sqrt(dims)
+    return points.astype(np.float32) @ r
+
+
 def balanced_kmeans(
-    points: np.ndarray, n_clusters: int, seed: int = 0, iters: int = 10, exact_limit: int = 4096
+    points: np.ndarray,
+    n_clusters: int,
+    seed: int = 0,
+    iters: int = 10,
+    exact_limit: int = 1536,
+    max_dims: int = MAX_DIMS,
 ) -> np.ndarray:
     """Labels in [0, n_clusters) with exactly len(points) / n_clusters points per cluster."""
     n = points.shape[0]
@@ -47,9 +73,11 @@ def balanced_kmeans(
         return np.zeros(n, dtype=np.int64)
     if size == 1:  # single-neuron experts: nothing to group
         return np.arange(n, dtype=np.int64)
-    pts = points.astype(np.float64)
+    pts = project(points, max_dims, seed)
+    # float64 where the exact assignment decides (small widths); float32 is enough beyond
+    pts = pts.astype(np.float64 if n <= exact_limit else np.float32)
     km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed, max_iter=50).fit(pts)
-    centroids = km.cluster_centers_
+    centroids = km.cluster_centers_.astype(pts.dtype)
     assign = _assign_exact if n <= exact_limit else _assign_greedy
     labels = None
     for _ in range(iters):
@@ -58,7 +86,9 @@ def balanced_kmeans(
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        centroids = np.stack([pts[labels == c].mean(0) for c in range(n_clusters)])
+        # every cluster holds `size` points: sorting by label gives one block per cluster
+        order = np.argsort(labels, kind="stable")
+        centroids = pts[order].reshape(n_clusters, size, -1).mean(1)
     return labels
 
 
@@ -69,3 +99,31 @@ def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def permutation_from_labels(labels: np.ndarray) -> np.ndarray:
     """Neuron order that puts cluster 0's neurons first, then cluster 1's, ... (stable)."""
     return np.argsort(labels, kind="stable")
+
+
+class ProfileSketch:
+    """Co-activation profiles of one layer's neurons, accumulated token batch by token batch
+    in constant memory: neuron j's profile is its |activation| on every token seen, kept as a
+    seeded Gaussian projection of `dims` columns (plus its exact squared norm), so that the
+    normalised profiles' distances survive without holding tokens x neurons."""
+
+    def __init__(self, width: int, dims: int = SKETCH_DIMS):
+        self.sketch = np.zeros((width, dims), dtype=np.float64)
+        self.sq = np.zeros(width, dtype=np.float64)
+        self.dims = dims
+
+    def add(self, act: np.ndarray, proj: np.ndarray) -> None:
+        """`act` [tokens, width] activations, `proj` [tokens, dims] the batch's projection
+        rows (the same for every layer)."""
+        a = np.abs(act).astype(np.float64)
+        self.sketch += a.T @ proj
+        self.sq += (a * a).sum(0)
+
+    def features(self) -> np.ndarray:
+        """[width, dims] the projected, unit-norm profiles (a neuron that never fired: 0)."""
+        norm = np.sqrt(self.sq)
+        return self.sketch / np.where(norm > 0, norm, 1.0)[:, None]
+
+
+def projection_rows(n_tokens: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((n_tokens, dims)) / np.sqrt(dims)

@@ -92,3 +92,69 @@ def test_balanced_kmeans_greedy_path_is_balanced():
     pts = np.random.default_rng(1).normal(size=(120, 5))
     labels = balanced_kmeans(pts, 6, exact_limit=10)
     assert np.bincount(labels).tolist() == [20] * 6
+
+
+def _planted_profiles(groups: int, size: int, tokens: int, seed: int):
+    """Activations [tokens, groups*size] where the neurons of one group fire on the same
+    tokens (and only there), shuffled so that groups are not contiguous."""
+    rng = np.random.default_rng(seed)
+    owner = rng.integers(0, groups, tokens)  # which group a token excites
+    act = np.zeros((tokens, groups * size))
+    for g in range(groups):
+        act[owner == g, g * size : (g + 1) * size] = rng.uniform(0.5, 2.0, ((owner == g).sum(), size))
+    perm = rng.permutation(groups * size)
+    return act[:, perm] + 0.01 * rng.standard_normal(act.shape), perm // size
+
+
+@pytest.mark.parametrize("width_groups", [8, 128])  # exact assignment, and the greedy one
+def test_coactivation_sketch_recovers_neurons_that_fire_together(width_groups):
+    from d2d.cluster import ProfileSketch, projection_rows
+
+    size = 16
+    act, truth = _planted_profiles(width_groups, size, 3000, seed=1)
+    rng = np.random.default_rng(0)
+    sk = ProfileSketch(act.shape[1], dims=128)
+    for chunk in np.array_split(act, 3):  # streamed in batches
+        sk.add(chunk, projection_rows(chunk.shape[0], 128, rng))
+    labels = balanced_kmeans(sk.features(), width_groups, seed=0)
+    assert np.bincount(labels).tolist() == [size] * width_groups  # balanced
+    # every found cluster is one planted group
+    purity = sum(np.bincount(truth[labels == c]).max() for c in range(width_groups))
+    assert purity / len(labels) > 0.95
+    # the weight-free random split it is measured against does not
+    rand = np.random.default_rng(0).permutation(len(labels)) // size
+    assert sum(np.bincount(truth[rand == c]).max() for c in range(width_groups)) / len(labels) < 0.5
+
+
+def test_greedy_balanced_kmeans_is_balanced_and_seeded_beyond_the_exact_limit():
+    pts = np.random.default_rng(0).standard_normal((2048, 1500)).astype(np.float32)
+    a = balanced_kmeans(pts, 128, seed=3)  # wider than MAX_DIMS: projected first
+    assert np.bincount(a).tolist() == [16] * 128
+    assert np.array_equal(a, balanced_kmeans(pts, 128, seed=3))
+    assert not np.array_equal(a, balanced_kmeans(pts, 128, seed=4))
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2", "bert-cls"])
+def test_coactivation_convert_equals_dense_and_is_reproducible(family, tokenizer, text_dir):
+    ids = torch.randint(1, 96, (2, 12))
+    cfg = ConvertConfig(
+        n_experts=8, clustering="coactivation", data=text_dir, tokens=256, seq_len=32, bf16=False
+    )
+    perms = []
+    for _ in range(2):
+        model = tiny(family, vocab=tokenizer.vocab_size)
+        ref = outputs(model, ids)
+        convert(model, cfg, tokenizer=tokenizer)
+        torch.testing.assert_close(outputs(model, ids), ref)
+        perms.append(torch.cat([m.perm for m in moe_layers(model).values()]))
+    assert torch.equal(perms[0], perms[1])
+    model = tiny(family, vocab=tokenizer.vocab_size)
+    convert(model, ConvertConfig(n_experts=8), tokenizer=tokenizer)  # weight k-means
+    assert not torch.equal(torch.cat([m.perm for m in moe_layers(model).values()]), perms[0])
+
+
+def test_coactivation_needs_a_tokenizer_and_a_known_kind():
+    with pytest.raises(D2DError, match="tokenizer"):
+        convert(tiny("gated"), ConvertConfig(n_experts=8, clustering="coactivation"))
+    with pytest.raises(D2DError, match="clustering must be one of"):
+        ConvertConfig(clustering="random")

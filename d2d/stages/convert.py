@@ -1,7 +1,10 @@
 """`convert`: split every FFN into equal-size experts (structure only, same function).
 
-Neurons are grouped by balanced k-means on their gate (or up) projection rows; each expert owns
-a contiguous block of the permuted FFN, so executing every expert is the dense FFN exactly.
+Neurons are grouped by balanced k-means, on their gate (or up) projection rows (`weights`) or
+on their co-activation profiles over tokens of the training split (`coactivation`: neurons
+that fire on the same tokens share an expert, so a token's contribution concentrates in fewer
+experts). Each expert owns a contiguous block of the permuted FFN, so executing every expert
+is the dense FFN exactly.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from dataclasses import dataclass, field
 from d2d.errors import D2DError
 from d2d.options import parse_layers
 from d2d.progress import Progress, null_progress
-from d2d.stages.base import Stage
+from d2d.stages.base import SampleFields, Stage, one_of
+
+CLUSTERINGS = ("weights", "coactivation")
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(SampleFields):
     n_experts: int | None = field(
         default=None, metadata={"help": "Experts per FFN (must divide the FFN width)."}
     )
@@ -26,8 +31,21 @@ class ConvertConfig:
         default="all", metadata={"help": "Layers to convert: 'all' or a list like '0-5,8'."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
+    clustering: str = field(
+        default="weights",
+        metadata={
+            "help": "What groups neurons: weights (k-means on gate or up rows) or "
+            "coactivation (k-means on each neuron's activation profile over --tokens tokens "
+            "of the training split of --data)."
+        },
+    )
+    tokens: int = field(
+        default=8192, metadata={"help": "Tokens whose activations group neurons (coactivation)."}
+    )
 
     def __post_init__(self):
+        one_of("clustering", self.clustering, CLUSTERINGS)
+        super().__post_init__()
         if self.n_experts is not None and self.n_experts < 1:
             raise D2DError(f"n_experts must be >= 1, got {self.n_experts}")
         if self.expert_size < 1:
@@ -51,8 +69,47 @@ def resolve_n_experts(ffn_width: int, cfg: ConvertConfig) -> int:
     return n
 
 
-def convert(model, cfg: ConvertConfig, progress: Progress = null_progress) -> dict:
-    """Split the FFNs of `model` in place. Returns the structure to record in the lineage."""
+def coactivation_features(
+    model, tokenizer, cfg: ConvertConfig, layers: list[int], progress: Progress = null_progress
+) -> dict:
+    """{layer: [f, dims] normalised co-activation profile sketches} from `cfg.tokens` tokens of
+    the training split of `cfg.data` (padding left out), streamed batch by batch."""
+    import numpy as np
+    import torch
+
+    from d2d.cluster import SKETCH_DIMS, ProfileSketch, projection_rows
+    from d2d.device import use_bf16
+    from d2d.measure.evaluate import batches_for
+    from d2d.nn.activations import tapped
+
+    if tokenizer is None:
+        raise D2DError("--clustering coactivation needs the model's tokenizer files")
+    batches = batches_for(
+        model, tokenizer, cfg.data, "train", cfg.seq_len, cfg.tokens, cfg.seed, cfg.doc_split
+    )
+    rng = np.random.default_rng(cfg.seed)
+    sketches: dict[int, ProfileSketch] = {}
+    with torch.no_grad(), tapped(model) as acts:
+        for j, b in enumerate(batches):
+            acts.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(cfg.bf16)):
+                model(**b)
+            real = b.get("attention_mask")
+            real = None if real is None else real.reshape(-1).bool()
+            proj = None
+            for i in layers:
+                a = acts[i].reshape(-1, acts[i].shape[-1]).float()
+                a = (a if real is None else a[real]).numpy()
+                if proj is None:  # one projection per batch, shared by every layer
+                    proj = projection_rows(a.shape[0], SKETCH_DIMS, rng)
+                sketches.setdefault(i, ProfileSketch(a.shape[1], SKETCH_DIMS)).add(a, proj)
+            progress("measuring co-activation", j + 1, len(batches))
+    return {i: sk.features() for i, sk in sketches.items()}
+
+
+def convert(model, cfg: ConvertConfig, progress: Progress = null_progress, tokenizer=None) -> dict:
+    """Split the FFNs of `model` in place. Returns the structure to record in the lineage.
+    `tokenizer`: needed by --clustering coactivation (it reads text)."""
     import torch
 
     from d2d import arch
@@ -64,11 +121,18 @@ def convert(model, cfg: ConvertConfig, progress: Progress = null_progress) -> di
     fam = arch.detect(model)
     blocks = arch.blocks(model, fam)
     layers = parse_layers(cfg.layers, len(blocks))
-    n_experts = resolve_n_experts(arch.read_ffn(blocks[0], fam).w_in.shape[0], cfg)
+    width = arch.read_ffn(blocks[0], fam).w_in.shape[0]
+    n_experts = resolve_n_experts(width, cfg)
+    profiles = None  # one expert, or one neuron per expert: nothing to group
+    if cfg.clustering == "coactivation" and n_experts not in (1, width):
+        profiles = coactivation_features(model, tokenizer, cfg, layers, progress)
     made = build_structure(model, layers, n_experts)
     with torch.no_grad():
         for j, (i, (moe, w)) in enumerate(made.items()):
-            keys = (w.w_gate if w.w_gate is not None else w.w_in).float().cpu().numpy()
+            if profiles is not None:
+                keys = profiles[i]
+            else:
+                keys = (w.w_gate if w.w_gate is not None else w.w_in).float().cpu().numpy()
             labels = balanced_kmeans(keys, n_experts, seed=cfg.seed + i)
             perm = torch.from_numpy(permutation_from_labels(labels)).to(w.w_in.device)
             moe.w_in.copy_(w.w_in[perm])
@@ -87,11 +151,12 @@ def convert(model, cfg: ConvertConfig, progress: Progress = null_progress) -> di
 
 
 def run(art, cfg: ConvertConfig, progress):
-    structure = convert(art.model, cfg, progress)
+    structure = convert(art.model, cfg, progress, art.tokenizer)
     metrics = {
         "converted_layers": len(structure["layers"]),
         "n_experts": structure["n_experts"],
         "expert_size": structure["expert_size"],
+        "clustering": cfg.clustering,
     }
     return metrics, structure
 
@@ -113,7 +178,7 @@ def view(record: dict) -> list:
     m = record["metrics"]
     return [
         f"convert: {m['converted_layers']} layers, {m['n_experts']} experts "
-        f"of {m['expert_size']} neurons each"
+        f"of {m['expert_size']} neurons each, grouped by {m.get('clustering', 'weights')}"
     ]
 
 
