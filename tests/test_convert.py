@@ -101,7 +101,8 @@ def _planted_profiles(groups: int, size: int, tokens: int, seed: int):
     owner = rng.integers(0, groups, tokens)  # which group a token excites
     act = np.zeros((tokens, groups * size))
     for g in range(groups):
-        act[owner == g, g * size : (g + 1) * size] = rng.uniform(0.5, 2.0, ((owner == g).sum(), size))
+        hit = owner == g
+        act[hit, g * size : (g + 1) * size] = rng.uniform(0.5, 2.0, (hit.sum(), size))
     perm = rng.permutation(groups * size)
     return act[:, perm] + 0.01 * rng.standard_normal(act.shape), perm // size
 
