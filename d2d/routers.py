@@ -81,6 +81,19 @@ def router_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict:
     }
 
 
+ROUTER_LOSSES = ("mse", "log")
+LOG_FLOOR = 0.01  # the log loss's floor, as a share of the layer's mean expert norm
+
+
+def router_loss(pred: torch.Tensor, true: torch.Tensor, kind: str, eps: float | None = None):
+    """mse: squared error of the norms (large norms dominate); log: squared error of
+    log(norm + eps), which weighs every expert's relative error alike, so the ranking among
+    the many small norms that decide the middle of the budget range is learned too."""
+    if kind == "log":
+        return F.mse_loss(torch.log(pred + eps), torch.log(true + eps))
+    return F.mse_loss(pred, true)
+
+
 @dataclass
 class _RoutersTask:
     """Regression of expert output norms from FFN inputs, every layer at once, for the shared
@@ -88,6 +101,8 @@ class _RoutersTask:
     its own MSE would."""
 
     data: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (inputs [N, d], norms [N, E])
+    kind: str = "mse"  # ROUTER_LOSSES
+    eps: dict[str, float] | None = None  # layer -> the log loss's floor (log kind)
 
     @property
     def n_examples(self) -> int:
@@ -100,7 +115,10 @@ class _RoutersTask:
         return out
 
     def loss(self, routers, batch, step):
-        losses = {i: F.mse_loss(r(batch[f"x{i}"]), batch[f"y{i}"]) for i, r in routers.items()}
+        losses = {
+            i: router_loss(r(batch[f"x{i}"]), batch[f"y{i}"], self.kind, (self.eps or {}).get(i))
+            for i, r in routers.items()
+        }
         total = torch.stack(list(losses.values())).sum()
         logs = {f"loss_{i}": float(v.detach()) for i, v in losses.items()}
         logs["loss"] = float(total.detach()) / len(losses)
@@ -122,7 +140,9 @@ def train_router_set(
         with torch.no_grad():  # start at the mean norm of each expert
             m = data[i][1].mean(0).clamp_min(1e-4)
             r.fc2.bias.copy_(m + torch.log(-torch.expm1(-m)))  # softplus^-1, overflow-free
-    task = _RoutersTask(data)
+    kind = getattr(cfg, "loss", "mse")
+    eps = {i: LOG_FLOOR * float(y.mean()) + 1e-12 for i, (_, y) in data.items()}
+    task = _RoutersTask(data, kind, eps)
     loop = LoopConfig(
         steps=cfg.steps,
         batch_size=min(cfg.batch_size, task.n_examples),

@@ -1,8 +1,10 @@
 import copy
+import math
 
 import pytest
 import torch
 
+from d2d.errors import D2DError
 from d2d.nn.moe import Router
 from d2d.routers import router_metrics, train_router_set
 from d2d.stages import TrainRoutersConfig
@@ -51,3 +53,29 @@ def test_routers_trained_together_equal_routers_trained_alone():
     assert both["0"] == pytest.approx(one["0"], rel=1e-5)
     for p, q in zip(a.parameters(), alone.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+def test_log_loss_by_hand_and_it_learns_the_small_norms():
+    from d2d.routers import router_loss
+
+    pred, true = torch.tensor([[1.0, 0.1]]), torch.tensor([[2.0, 0.1]])
+    want = ((math.log(1.01) - math.log(2.01)) ** 2 + 0.0) / 2
+    assert router_loss(pred, true, "log", 0.01).item() == pytest.approx(want, rel=1e-5)
+    assert router_loss(pred, true, "mse").item() == pytest.approx(0.5)
+    # a target whose experts differ 100-fold in scale: MSE fits the large one, the log loss
+    # ranks the small ones too
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16)
+    y = (x @ torch.randn(16, 8)).abs() * torch.tensor([100.0] + [1.0] * 7)
+    small = slice(1, 8)
+    caps = {}
+    for kind in ("mse", "log"):
+        torch.manual_seed(0)
+        r = Router(16, 8, hidden=32)
+        cfg = TrainRoutersConfig(steps=300, batch_size=256, lr=3e-3, loss=kind)
+        train_router_set({"0": r}, {"0": (x, y)}, cfg)
+        with torch.no_grad():
+            caps[kind] = router_metrics(r(x)[:, small], y[:, small])["capture_25"]
+    assert caps["log"] > caps["mse"]
+    with pytest.raises(D2DError, match="loss must be one of"):
+        TrainRoutersConfig(loss="hinge")

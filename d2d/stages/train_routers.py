@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import SampleFields, Stage, Table, at_least, pct
+from d2d.stages.base import SampleFields, Stage, Table, at_least, one_of, pct
 
 
 @dataclass
@@ -18,6 +18,13 @@ class TrainRoutersConfig(SampleFields):
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
     hidden: int = field(default=64, metadata={"help": "Router hidden width."})
     heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
+    loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Router loss: mse (of the output norms) or log (of log(norm + 1% of the "
+            "layer's mean norm): every expert's relative error counts alike)."
+        },
+    )
     skip_positions: int = field(
         default=1,
         metadata={
@@ -28,6 +35,7 @@ class TrainRoutersConfig(SampleFields):
 
     def __post_init__(self):
         at_least(self, 0, "skip_positions")
+        one_of("loss", self.loss, ("mse", "log"))  # d2d.routers.ROUTER_LOSSES
         at_least(self, 1, "steps", "batch_size", "hidden", "heldout_tokens")
         if not self.lr > 0:
             raise D2DError(f"lr must be > 0, got {self.lr}")
