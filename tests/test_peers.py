@@ -163,3 +163,26 @@ def test_calibrate_without_routers_needs_a_router_free_rule(model_dirs, tmp_path
     run_stage("convert", model_dirs["gated"], ConvertConfig(expert_size=1), conv)
     with pytest.raises(StageOrderError, match="--layer-rules magnitude"):
         run_stage("calibrate", str(conv), CalibrateConfig(tokens=128, seq_len=32), tmp_path / "k")
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 16])
+def test_expert_norms_equal_the_norm_of_each_experts_output(size):
+    """The Gram-matrix form against the direct one: each expert's down-projected output,
+    computed in full, and its L2 norm."""
+    from torch import nn
+
+    from d2d.nn.moe import MoEFFN
+
+    torch.manual_seed(size)
+    m = MoEFFN(24, 64 // size, size, nn.SiLU(), True, False, False)
+    nn.init.normal_(m.w_out)
+    h = torch.randn(37, 64)
+    want = torch.stack(
+        [
+            (h[:, e * size : (e + 1) * size] @ m.w_out[e * size : (e + 1) * size]).norm(dim=-1)
+            for e in range(64 // size)
+        ],
+        dim=1,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(m.expert_norms(h, chunk=10), want, rtol=1e-5, atol=1e-5)
