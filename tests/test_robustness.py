@@ -160,6 +160,20 @@ def c_experts_divide(t, m, c):
     return ["convert", m["gated"], "-o", "OUT", "--n-experts", "7"], Path(m["gated"])
 
 
+def c_unknown_clustering(t, m, c):
+    return ["convert", m["gated"], "-o", "OUT", "--clustering", "random"], Path(m["gated"])
+
+
+def c_distill_new_head(t, m, c):
+    d = t / "data"
+    for cls in ("a", "b"):
+        (d / cls).mkdir(parents=True)
+        for i in range(12):
+            _write(d / cls / f"{i}.txt", f"{cls} words of document {i} " * 20)
+    args = ["sparsify", m["bert"], "-o", "OUT", "--data", str(d), "--distill", "--steps", "1"]
+    return args, Path(m["bert"])
+
+
 def c_data_empty(t, m, c):
     _write(t / "data" / "a.txt", "  \n\n")
     return ["train-routers", str(c), "-o", "OUT", "--data", str(t / "data"), *TINY_ROUTERS], c
@@ -255,6 +269,8 @@ CASES = {
     "calibrate tau > 1": (c_tau_calibrate, "tau must be in [0, 1]"),
     "eval tau < 0": (c_tau_negative, "tau must be in [0, 1]"),
     "experts do not divide the FFN": (c_experts_divide, "do not divide"),
+    "unknown clustering": (c_unknown_clustering, "clustering must be one of"),
+    "distillation onto a new head": (c_distill_new_head, "--distill needs"),
     "data empty": (c_data_empty, "is empty"),
     "data folder without text files": (c_data_no_files, "holds no"),
     "data too short for one sequence": (c_data_too_short, "too short for one sequence"),
