@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from d2d.device import device_type, use_bf16
@@ -283,6 +284,19 @@ def train_stage(model, task, cfg, source: str, out, progress: Progress, label: s
     result = train(model, task, loop, progress, fingerprint, label=label)
     remove_checkpoints(loop.checkpoint_dir)
     return result
+
+
+def distill_kl(student, teacher, mask=None):
+    """KL(teacher || student) between the softmax distributions of two logit tensors
+    [..., V], summed over the vocabulary and averaged over positions (the real ones, where
+    `mask` [...] is given). The teacher carries no gradient."""
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.detach().float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
 
 
 def remove_checkpoints(folder: str | Path | None) -> None:

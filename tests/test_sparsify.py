@@ -242,7 +242,7 @@ def test_bad_options_are_refused_when_the_config_is_built(bad, match):
 
 
 def test_distill_kl_by_hand():
-    from d2d.stages.sparsify import distill_kl
+    from d2d.train import distill_kl
 
     # two positions over a 3-word vocabulary
     s = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]])

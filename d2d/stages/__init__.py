@@ -22,6 +22,7 @@ from d2d.stages import bench as _bench
 from d2d.stages import calibrate as _calibrate
 from d2d.stages import convert as _convert
 from d2d.stages import evaluation as _evaluation
+from d2d.stages import heal as _heal
 from d2d.stages import mod as _mod
 from d2d.stages import sparsify as _sparsify
 from d2d.stages import train_routers as _train_routers
@@ -36,6 +37,7 @@ __all__ = [
     "CalibrateConfig",
     "ConvertConfig",
     "EvalConfig",
+    "HealConfig",
     "ModConfig",
     "SparsifyConfig",
     "TrainRoutersConfig",
@@ -47,13 +49,14 @@ __all__ = [
 
 STAGES: dict[str, Stage] = {
     m.STAGE.name: m.STAGE
-    for m in (_sparsify, _convert, _train_routers, _calibrate, _evaluation, _mod, _bench)
+    for m in (_sparsify, _convert, _train_routers, _calibrate, _heal, _evaluation, _mod, _bench)
 }
 # the configs (and convert, usable on its own) where library users look for them
 BenchConfig = _bench.BenchConfig
 CalibrateConfig = _calibrate.CalibrateConfig
 ConvertConfig = _convert.ConvertConfig
 EvalConfig = _evaluation.EvalConfig
+HealConfig = _heal.HealConfig
 ModConfig = _mod.ModConfig
 SparsifyConfig = _sparsify.SparsifyConfig
 TrainRoutersConfig = _train_routers.TrainRoutersConfig

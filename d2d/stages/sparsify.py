@@ -81,21 +81,6 @@ def weight_at(step: int, steps: int, weight: float, schedule: str, warmup: float
     return weight * min(1.0, (step + 1) / ramp)
 
 
-def distill_kl(student, teacher, mask=None):
-    """KL(teacher || student) between the softmax distributions of two logit tensors
-    [..., V], summed over the vocabulary and averaged over positions (the real ones, where
-    `mask` [...] is given). The teacher carries no gradient."""
-    import torch.nn.functional as F
-
-    log_s = F.log_softmax(student.float(), dim=-1)
-    log_t = F.log_softmax(teacher.detach().float(), dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-    if mask is None:
-        return kl.mean()
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1)
-
-
 def resolve_task(current: str, cfg: SparsifyConfig, has_labels: bool, model_name: str) -> str:
     """The task to fine-tune for, from --task, the model's own task and the data's labels."""
     task = cfg.task
@@ -155,6 +140,8 @@ class SparsifyTask:
         kl = None
         if self.teacher is not None:
             import torch
+
+            from d2d.train import distill_kl
 
             with torch.no_grad():
                 t_logits = self.teacher(**{k: v for k, v in kw.items() if k != "labels"}).logits
