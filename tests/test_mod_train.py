@@ -69,3 +69,27 @@ def test_mod_trains_routers_and_round_trips(predictor, model_dirs, tmp_path):
 def test_mod_refuses_encoders(model_dirs, tmp_path):
     res = runner.invoke(app, ["mod", model_dirs["bert"], "-o", str(tmp_path / "m"), *FAST])
     assert res.exit_code == 2 and "decoder" in res.stderr
+
+
+def test_freeze_base_changes_no_base_weight_and_distill_logs_the_kl(model_dirs, tmp_path):
+    from d2d.models import load_base
+
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--freeze-base"]
+    args += ["--distill", "--distill-weight", "2"] + FAST[:-2] + ["--steps", "20"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    base = load_base(model_dirs["gated"]).model.state_dict()
+    model = d2d.load(out)
+    got = {
+        k.replace(".block.", "."): v
+        for k, v in model.state_dict().items()
+        if "router" not in k and "predictor" not in k
+    }
+    assert set(got) == set(base)
+    for k, v in base.items():
+        assert torch.equal(got[k], v), k  # bitwise
+    block = mod_blocks(model)[1]
+    assert any(p.abs().sum() > 0 for p in block.router.parameters())
+    hist = json.loads((out / "d2d.json").read_text())["stages"][-1]["metrics"]["history"]
+    assert all("kl" in h for h in hist) and hist[0]["kl"] < 1e-3  # starts at its teacher

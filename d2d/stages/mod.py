@@ -47,6 +47,23 @@ class ModConfig(TrainFields):
     aux_weight: float = field(
         default=0.1, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
     )
+    distill: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the KL divergence to the frozen model before routers (its "
+            "next-token distribution) to the LM loss."
+        },
+    )
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation KL beside the LM loss."}
+    )
+    freeze_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the routers and predictors; every weight of the model "
+            "stays as it was, so it keeps its function wherever it does not skip."
+        },
+    )
     router_lr: float = field(
         default=2e-3,
         metadata={
@@ -59,7 +76,7 @@ class ModConfig(TrainFields):
         if not 0.0 < self.capacity <= 1.0:
             raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
         at_least(self, 1, "every")
-        at_least(self, 0, "sink", "aux_weight")
+        at_least(self, 0, "sink", "aux_weight", "distill_weight")
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         one_of("predictor", self.predictor, PREDICTORS)
@@ -79,9 +96,9 @@ class ModConfig(TrainFields):
 class ModTask:
     """The training loop's task: LM loss at the annealed capacity, plus the decision's BCE."""
 
-    def __init__(self, blocks: dict, ids, cfg: ModConfig, evaluate_fn):
+    def __init__(self, blocks: dict, ids, cfg: ModConfig, evaluate_fn, teacher=None):
         self.ids, self.cfg, self.evaluate_fn = ids, cfg, evaluate_fn
-        self.blocks = blocks
+        self.blocks, self.teacher = blocks, teacher
         self.n_examples = len(ids)
 
     def new_parameters(self):
@@ -106,7 +123,8 @@ class ModTask:
         for b in self.blocks.values():
             b.mode, b.capacity = "topk", cap
         ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits[:, :-1]
+        full = model(input_ids=ids).logits
+        logits = full[:, :-1]
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
         aux = torch.stack(
             [
@@ -117,7 +135,16 @@ class ModTask:
             ]
         ).mean()
         logs = {"lm": float(lm.detach()), "aux": float(aux.detach()), "capacity": cap}
-        return lm + self.cfg.aux_weight * aux, logs
+        loss = lm + self.cfg.aux_weight * aux
+        if self.teacher is not None:
+            from d2d.train import distill_kl
+
+            with torch.no_grad():
+                target = self.teacher(input_ids=ids).logits
+            kl = distill_kl(full, target)
+            logs["kl"] = float(kl.detach())
+            loss = loss + self.cfg.distill_weight * kl
+        return loss, logs
 
     def evaluate(self, model) -> dict:
         return self.evaluate_fn(model)
@@ -161,6 +188,14 @@ def run(art, cfg: ModConfig, progress, out=None):
         return {mode: depth_row(ev.measure(m, {"depth": mode})) for mode in ("topk", "causal")}
 
     dense = ev.measure(model, {"rule": "all"}).quality if is_main_process() else None
+    teacher = None
+    if cfg.distill:
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
+    if cfg.freeze_base:  # the routers and predictors inserted below are new and train
+        model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     insert_mod(model, layers, 1.0, cfg.sink)
     hidden = None
@@ -169,8 +204,11 @@ def run(art, cfg: ModConfig, progress, out=None):
         for b in mod_blocks(model).values():
             b.add_predictor(hidden)
     ids = lm_windows(art.tokenizer, corpus_of(cfg).split("train", cfg.seed), cfg.seq_len, None)
-    task = ModTask(mod_blocks(model), ids, cfg, evaluate)
-    result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
+    task = ModTask(mod_blocks(model), ids, cfg, evaluate, teacher)
+    try:
+        result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
+    finally:
+        model.requires_grad_(True)
     set_mode(model, "causal", cfg.capacity)
     structure = {
         "layers": layers,
