@@ -190,3 +190,82 @@ def test_unmasked_sdpa_path_equals_explicit_mask():
     ids = torch.randint(1, 96, (2, 11))
     torch.testing.assert_close(logits(models[0], input_ids=ids), logits(models[1], input_ids=ids))
     assert mod_blocks(models[0])[1]._sdpa and not mod_blocks(models[1])[1]._sdpa
+
+
+SKIPS = ["block", "attention", "mlp"]
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_each_skip_kind_at_capacity_one_equals_dense(skip):
+    dense = llama()
+    m = llama()
+    insert_mod(m, [1, 3], capacity=1.0, skip=skip)
+    ids = torch.randint(1, 96, (2, 12))
+    torch.testing.assert_close(logits(m, input_ids=ids), logits(dense, input_ids=ids))
+    randomise_routers(m)  # below capacity 1.0 the function changes (a check that can fail)
+    set_mode(m, "topk", 0.5)
+    assert not torch.allclose(logits(m, input_ids=ids), logits(dense, input_ids=ids), atol=1e-4)
+
+
+def test_attention_skip_leaves_no_kv_entry_and_still_runs_the_mlp():
+    m = llama(layers=2)
+    (blk,) = insert_mod(m, [1], capacity=0.4, skip="attention").values()
+    randomise_routers(m)
+    set_mode(m, "causal")
+    out = {}
+    blk.register_forward_hook(lambda mod, a, y: out.update(x=a[0].clone(), y=y.clone()))
+    ids = torch.randint(1, 96, (1, 10))
+    with torch.no_grad():
+        res = m(input_ids=ids, use_cache=True)
+    skipped = ~blk.last_choice[0]
+    assert 0 < int(skipped.sum()) < 10
+    # a skipped token still changes through the MLP, by exactly x + mlp(norm(x))
+    x = out["x"][0][skipped]
+    with torch.no_grad():
+        want = x + blk.block.mlp(blk.block.post_attention_layernorm(x))
+    torch.testing.assert_close(out["y"][0][skipped], want)
+    assert not torch.allclose(out["y"][0][skipped], x)
+    # the routed block cached only the tokens it processed; block 0 all of them
+    cache = res["cache"]
+    assert cache.get_seq_length(1) == int(blk.last_choice.sum())
+    assert cache.get_seq_length(0) == 10
+
+
+def test_mlp_skip_caches_every_token_and_leaves_skipped_tokens_after_attention():
+    m = llama(layers=2)
+    (blk,) = insert_mod(m, [1], capacity=0.4, skip="mlp").values()
+    randomise_routers(m)
+    ids = torch.randint(1, 96, (1, 10))
+    with torch.no_grad():
+        res = m(input_ids=ids, use_cache=True)
+    assert res["cache"].get_seq_length(1) == 10  # attention ran for every token
+
+
+@pytest.mark.parametrize("skip", ["attention", "mlp"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_skip_kinds_prefill_equals_step_decoding(skip, batch):
+    m = llama(seed=1)
+    insert_mod(m, [1, 3], capacity=0.5, skip=skip)
+    randomise_routers(m, seed=3)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    full = logits(m, input_ids=ids)
+    with torch.no_grad():
+        out = m(input_ids=ids[:, :4], use_cache=True)
+        steps, cache = [out.logits], out["cache"]
+        for j in range(4, 9):
+            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
+            cache = out["cache"]
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_skip_kind_needs_the_llama_layout():
+    from d2d.errors import D2DError
+
+    with pytest.raises(D2DError, match="skip must be one of"):
+        insert_mod(llama(), [1], capacity=0.5, skip="heads")
+    m = llama()
+    m.model.layers[1].pre_feedforward_layernorm = torch.nn.Identity()  # a Gemma-2-like block
+    with pytest.raises(D2DError, match="LLaMA layout"):
+        insert_mod(m, [1], capacity=0.5, skip="attention")

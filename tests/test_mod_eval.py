@@ -104,6 +104,24 @@ def test_flops_of_routed_blocks():
     assert half.attention > dense.attention - 2 * 0.75 * per_block - 1e-6
 
 
+def test_flops_of_each_skip_kind_by_hand():
+    from d2d.measure.flops import _attention_macs
+
+    for skip in ("attention", "mlp"):
+        m = llama(layers=4)
+        insert_mod(m, [1, 3], capacity=0.5, skip=skip)
+        proj, scores = _attention_macs(m, 64, True)
+        ffn = dense_ffn_macs(m)
+        got = converted_flops(m, 64, True, {}, {1: 0.5, 3: 0.25})
+        if skip == "attention":  # routed attention at f (scores at f^2), every FFN in full
+            attn = 2 * (proj + scores) + (0.5 * proj + 0.25 * scores) + (0.25 * proj + scores / 16)
+            assert got.ffn == pytest.approx(2.0 * sum(ffn))
+        else:  # every attention in full, routed FFNs at f
+            attn = 4 * (proj + scores)
+            assert got.ffn == pytest.approx(2.0 * (ffn[0] + ffn[2] + 0.5 * ffn[1] + 0.25 * ffn[3]))
+        assert got.attention == pytest.approx(2.0 * attn)
+
+
 def test_depth_policy_is_validated_and_restored():
     m = llama(layers=2)
     insert_mod(m, [1], capacity=0.5)

@@ -93,3 +93,21 @@ def test_freeze_base_changes_no_base_weight_and_distill_logs_the_kl(model_dirs, 
     assert any(p.abs().sum() > 0 for p in block.router.parameters())
     hist = json.loads((out / "d2d.json").read_text())["stages"][-1]["metrics"]["history"]
     assert all("kl" in h for h in hist) and hist[0]["kl"] < 1e-3  # starts at its teacher
+
+
+def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--skip", "attention"]
+    res = runner.invoke(app, args + FAST[:-2] + ["--steps", "10"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "d2d.json").read_text())
+    assert meta["stages"][-1]["structure"]["skip"] == "attention"
+    model = d2d.load(out)
+    assert mod_blocks(model)[1].skip == "attention"
+    ids = torch.randint(1, 96, (1, 6))
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        b = d2d.load(out).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "skipping the attention" in res.output

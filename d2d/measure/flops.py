@@ -6,7 +6,9 @@ head. Embedding look-ups, norms and activations are ignored: they are small and 
 
 Mixture-of-Depths: a routed block that processes a fraction f of the tokens costs f of its
 projections and FFN, and about f^2 of its attention scores (chosen tokens attend to chosen tokens
-only); its router (and causal predictor, when it decides) runs on every token.
+only); its router (and causal predictor, when it decides) runs on every token. A block that
+routes only its attention (skip "attention") counts f for the attention part and its whole FFN;
+one that routes only its MLP (skip "mlp"), its whole attention and f of its FFN.
 """
 
 from __future__ import annotations
@@ -93,16 +95,19 @@ def converted_flops(
     proj, scores = _attention_macs(model, seq_len, causal)
     attn = ffn = routers = 0.0
     for i, macs in enumerate(dense_ffn_macs(model)):
-        f = 1.0  # the share of tokens the block processes
+        f_attn = f_ffn = 1.0  # the shares of tokens the sub-layers process
         if i in blocks:
             f = processed.get(i, 1.0)
+            skip = blocks[i].skip
+            f_attn = f if skip in ("block", "attention") else 1.0
+            f_ffn = f if skip in ("block", "mlp") else 1.0
             routers += blocks[i].router_macs()
-        attn += f * proj + f * f * scores
+        attn += f_attn * proj + f_attn * f_attn * scores
         m = moes.get(i)
         if m is None:
-            ffn += f * macs
+            ffn += f_ffn * macs
             continue
-        ffn += f * m.token_macs(stats.get(i))
+        ffn += f_ffn * m.token_macs(stats.get(i))
     return FlopsBreakdown(2.0 * attn, 2.0 * ffn, 2.0 * _head_macs(model, causal), 2.0 * routers)
 
 

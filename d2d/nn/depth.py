@@ -14,6 +14,15 @@ Which tokens a routed block processes:
 The first `sink` positions of a sequence are always processed and count towards k: a pretrained
 decoder parks attention on its first token, and a block that loses it loses its footing.
 
+What a routed block skips (`skip`):
+- "block": the whole block (attention and MLP) for the tokens it does not take.
+- "attention": only the attention sub-layer; every token still runs the MLP on the stream after
+  it. A skipped token writes no KV entry in that block. Reported to keep quality where skipping
+  whole blocks does not (attention in the upper half of a pretrained LLM is largely redundant).
+- "mlp": only the MLP sub-layer; every token runs attention (and writes its KV entry) as usual.
+The update of the part that is routed is scaled by g(r). "attention" and "mlp" need blocks of
+the LLaMA layout (input_layernorm, self_attn, post_attention_layernorm, mlp).
+
 Chosen tokens keep their original positions (their rotary embeddings are gathered, not
 recomputed) and attend causally to the chosen tokens of the same block only. With a KV cache a
 skipped token writes no entry in that block; where the rows of a batch decide differently, the
@@ -39,6 +48,9 @@ from d2d.nn.policy import DEPTH_MODES as MODES
 from d2d.nn.structure import install_context
 from d2d.options import parse_layers
 
+SKIPS = ("block", "attention", "mlp")
+_LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
 
 class MoDBlock(nn.Module):
     """A decoder block behind a Mixture-of-Depths router."""
@@ -50,9 +62,21 @@ class MoDBlock(nn.Module):
         capacity: float,
         context: RoutingContext,
         sink: int = 0,
+        skip: str = "block",
     ):
         super().__init__()
-        self.sink = sink
+        if skip not in SKIPS:
+            raise D2DError(f"skip must be one of {', '.join(SKIPS)}, got {skip!r}")
+        if skip != "block" and (
+            not all(hasattr(block, n) for n in _LLAMA_LAYOUT)
+            or hasattr(block, "pre_feedforward_layernorm")
+        ):
+            raise D2DError(
+                f"--skip {skip} needs decoder blocks of the LLaMA layout (input_layernorm, "
+                f"self_attn, post_attention_layernorm, mlp), not {type(block).__name__}: "
+                "use --skip block"
+            )
+        self.sink, self.skip = sink, skip
         self.block = block
         self.router = nn.Linear(d_model, 1)
         nn.init.zeros_(self.router.weight)
@@ -127,6 +151,9 @@ class MoDBlock(nn.Module):
     ) -> torch.Tensor:
         x = hidden_states
         b, t, _ = x.shape
+        kw = {**kwargs, "use_cache": use_cache}
+        if self.skip == "mlp":  # attention runs for every token, with the model's mask and cache
+            x = x + self._attn(x, attention_mask, position_ids, position_embeddings, cache, kw)
         # the router reads the RMS-normalised stream: its logits do not grow with the stream's
         # scale (in SmolLM2-135M the RMS grows about 15-fold from block 1 to block 29)
         xn = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
@@ -147,14 +174,15 @@ class MoDBlock(nn.Module):
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
         if k == 0:  # nothing to process: no work and no cache entry in this block
-            return x
-        if k == t and bool(choice.all()) and self._cache_whole(cache, t):
+            return self._after(x)
+        kv = self.skip != "mlp"  # whether the routed part writes this block's KV entries
+        if k == t and bool(choice.all()) and (not kv or self._cache_whole(cache, t)):
             # every token (dense mode, capacity 1.0, or a decode step the block takes): the
-            # block as it is, with the model's own mask; only the update is scaled
-            self._mask(cache, choice, x.dtype, build=False)
-            kw = {**kwargs, "use_cache": use_cache}
-            ys = self._block(x, attention_mask, position_ids, position_embeddings, cache, kw)
-            return x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * (ys - x)
+            # routed part as it is, with the model's own mask; only its update is scaled
+            if kv:
+                self._mask(cache, choice, x.dtype, build=False)
+            upd = self._update(x, attention_mask, position_ids, position_embeddings, cache, kw)
+            return self._after(x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * upd)
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
             torch.where(
@@ -166,22 +194,49 @@ class MoDBlock(nn.Module):
         idx = torch.where(valid, idx, torch.zeros_like(idx))
         gather = idx[:, :, None]
         xs = x.gather(1, gather.expand(-1, -1, x.shape[-1]))
-        cos, sin = position_embeddings
-        cos = cos.expand(b, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
-        sin = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
-        pos = None if position_ids is None else position_ids.expand(b, -1).gather(1, idx)
-        mask = self._mask(cache, valid, x.dtype)
-        ys = self._block(xs, mask, pos, (cos, sin), cache, {**kwargs, "use_cache": use_cache})
+        pe = pos = mask = None
+        if kv:  # positions and a mask matter where the routed part attends
+            cos, sin = position_embeddings
+            cos = cos.expand(b, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
+            sin = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
+            pe = (cos, sin)
+            pos = None if position_ids is None else position_ids.expand(b, -1).gather(1, idx)
+            mask = self._mask(cache, valid, x.dtype)
+        ups = self._update(xs, mask, pos, pe, cache, kw)
         g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None]
-        upd = (g * (ys - xs)) * valid[:, :, None].to(x.dtype)
-        return x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd)
+        upd = (g * ups) * valid[:, :, None].to(x.dtype)
+        return self._after(x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd))
 
-    def _block(self, h, mask, pos, pe, cache, kwargs: dict) -> torch.Tensor:
-        """The wrapped block on hidden states h (its own residual included)."""
+    def _update(self, h, mask, pos, pe, cache, kwargs: dict) -> torch.Tensor:
+        """What the routed part adds to hidden states h: the whole block's update, the
+        attention sub-layer's output, or the MLP sub-layer's."""
+        if self.skip == "attention":
+            return self._attn(h, mask, pos, pe, cache, kwargs)
+        if self.skip == "mlp":
+            return self.block.mlp(self.block.post_attention_layernorm(h))
         ys = self.block(
             h, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=pe, **kwargs
         )
-        return ys[0] if isinstance(ys, tuple) else ys
+        return (ys[0] if isinstance(ys, tuple) else ys) - h
+
+    def _attn(self, h, mask, pos, pe, cache, kwargs: dict) -> torch.Tensor:
+        """The block's attention sub-layer on h (pre-norm, no residual)."""
+        out = self.block.self_attn(
+            hidden_states=self.block.input_layernorm(h),
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            position_embeddings=pe,
+            **kwargs,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def _after(self, h) -> torch.Tensor:
+        """What follows the routed part for every token: the MLP sub-layer when only attention
+        is routed, else nothing."""
+        if self.skip == "attention":
+            return h + self.block.mlp(self.block.post_attention_layernorm(h))
+        return h
 
     @property
     def _sdpa(self) -> bool:
@@ -248,7 +303,7 @@ def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
 
 
 def insert_mod(
-    model: nn.Module, layers: list[int], capacity: float, sink: int = 0
+    model: nn.Module, layers: list[int], capacity: float, sink: int = 0, skip: str = "block"
 ) -> dict[int, MoDBlock]:
     """Put a router in front of the given decoder blocks (structure only; routers start at 0)."""
     if not 0.0 < capacity <= 1.0:
@@ -268,7 +323,8 @@ def insert_mod(
         if isinstance(parent[i], MoDBlock):
             raise D2DError(f"block {i} already has a Mixture-of-Depths router")
         w = next(parent[i].parameters())
-        parent[i] = MoDBlock(parent[i], d, capacity, ctx, sink).to(device=w.device, dtype=w.dtype)
+        block = MoDBlock(parent[i], d, capacity, ctx, sink, skip)
+        parent[i] = block.to(device=w.device, dtype=w.dtype)
         out[i] = parent[i]
     return out
 

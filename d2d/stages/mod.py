@@ -29,6 +29,13 @@ class ModConfig(TrainFields):
     layers: str = field(
         default="", metadata={"help": "Blocks to route instead, e.g. '1,3,5' (not block 0)."}
     )
+    skip: str = field(
+        default="block",
+        metadata={
+            "help": "What a routed block skips for the tokens it does not take: block (all of "
+            "it), attention (the attention sub-layer; the MLP runs) or mlp (the reverse)."
+        },
+    )
     sink: int = field(
         default=1,
         metadata={"help": "Leading positions every routed block processes (attention sink)."},
@@ -80,6 +87,7 @@ class ModConfig(TrainFields):
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         one_of("predictor", self.predictor, PREDICTORS)
+        one_of("skip", self.skip, ("block", "attention", "mlp"))  # d2d.nn.depth.SKIPS
         if not self.router_lr > 0:
             raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
         super().__post_init__()
@@ -197,7 +205,7 @@ def run(art, cfg: ModConfig, progress, out=None):
     if cfg.freeze_base:  # the routers and predictors inserted below are new and train
         model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    insert_mod(model, layers, 1.0, cfg.sink)
+    insert_mod(model, layers, 1.0, cfg.sink, cfg.skip)
     hidden = None
     if cfg.predictor == "mlp":
         hidden = max(16, model.config.hidden_size // 8)
@@ -214,6 +222,7 @@ def run(art, cfg: ModConfig, progress, out=None):
         "layers": layers,
         "capacity": cfg.capacity,
         "sink": cfg.sink,
+        "skip": cfg.skip,
         "predictor": cfg.predictor,
         "hidden": hidden,
     }
@@ -238,7 +247,13 @@ def run(art, cfg: ModConfig, progress, out=None):
 def replay(model, structure: dict) -> None:
     from d2d.nn.depth import insert_mod, set_mode
 
-    blocks = insert_mod(model, structure["layers"], structure["capacity"], structure.get("sink", 0))
+    blocks = insert_mod(
+        model,
+        structure["layers"],
+        structure["capacity"],
+        structure.get("sink", 0),
+        structure.get("skip", "block"),
+    )
     if structure.get("predictor") == "mlp":
         for b in blocks.values():
             b.add_predictor(structure["hidden"])
@@ -249,7 +264,8 @@ def summary(record: dict) -> str:
     m, st = record["metrics"], record.get("structure") or {}
     tk, ca = m["topk"], m["causal"]
     return (
-        f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}); "
+        f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}, "
+        f"skipping the {st.get('skip', 'block')}); "
         f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
         f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
     )
@@ -285,7 +301,8 @@ def about(meta: dict) -> dict | None:
     if mod is None:
         return None
     st = mod.get("structure") or {}
-    return {"mod": {k: st.get(k) for k in ("layers", "capacity", "sink", "predictor", "hidden")}}
+    keys = ("layers", "capacity", "sink", "skip", "predictor", "hidden")
+    return {"mod": {k: st.get(k) for k in keys}}
 
 
 def about_lines(described: dict) -> list[str]:
@@ -295,7 +312,8 @@ def about_lines(described: dict) -> list[str]:
     pred = "MLP predictor" if mod["predictor"] == "mlp" else "the router's sign"
     return [
         f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
-        f"at capacity {mod['capacity']:g} (top-k), sink {mod.get('sink') or 0}; generation "
+        f"(skipping the {mod.get('skip') or 'block'}) at capacity {mod['capacity']:g} (top-k), "
+        f"sink {mod.get('sink') or 0}; generation "
         f"decides causally ({pred})"
     ]
 
