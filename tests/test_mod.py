@@ -269,3 +269,56 @@ def test_skip_kind_needs_the_llama_layout():
     m.model.layers[1].pre_feedforward_layernorm = torch.nn.Identity()  # a Gemma-2-like block
     with pytest.raises(D2DError, match="LLaMA layout"):
         insert_mod(m, [1], capacity=0.5, skip="attention")
+
+
+def test_threshold_routing_trains_on_batch_quantiles_and_decodes_like_prefill():
+    m = llama(seed=2)
+    routed = insert_mod(m, [1, 3], capacity=0.5)
+    for b in routed.values():
+        b.add_threshold()
+    randomise_routers(m, seed=5)
+    set_mode(m, "threshold", 0.5)
+    ids = torch.randint(1, 96, (3, 16), generator=torch.Generator().manual_seed(0))
+    m.train()
+    for _ in range(60):  # the running threshold settles on the batch quantile
+        with torch.no_grad():
+            m(input_ids=ids)
+    m.eval()
+    for b in routed.values():
+        share = float(b.last_choice.float().mean())
+        assert 0.4 <= share <= 0.6  # the batch quantile takes about the capacity's share
+        q = torch.quantile(b.last_logits.float().flatten(), 0.5)
+        assert float(b.threshold) == pytest.approx(float(q), abs=0.02)
+    set_mode(m, "causal")  # generation: the logit against the running threshold
+    full = logits(m, input_ids=ids)
+    for b in routed.values():
+        torch.testing.assert_close(b.last_choice, b.last_logits > b.threshold)
+    with torch.no_grad():
+        out = m(input_ids=ids[:, :5], use_cache=True)
+        steps, cache = [out.logits], out["cache"]
+        for j in range(5, 16):
+            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
+            cache = out["cache"]
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_thresholds_takes_the_capacity_share_of_the_fitted_tokens():
+    from d2d.nn.depth import fit_thresholds
+
+    m = llama(seed=4)
+    routed = insert_mod(m, [1, 3], capacity=0.3, sink=1)
+    for b in routed.values():
+        b.add_threshold()
+    randomise_routers(m, seed=6)
+    batches = [{"input_ids": torch.randint(1, 96, (4, 20))} for _ in range(3)]
+    fit_thresholds(m, batches)
+    set_mode(m, "causal")
+    chosen = {i: 0 for i in routed}
+    with torch.no_grad():
+        for b in batches:
+            m(**b)
+            for i, blk in routed.items():
+                chosen[i] += int(blk.last_choice[:, 1:].sum())  # the sink is always taken
+    for i in routed:
+        assert chosen[i] / (3 * 4 * 19) == pytest.approx(0.3, abs=0.02)

@@ -218,7 +218,7 @@ def test_report_draws_the_routing_map(mod_artifact, tmp_path):
 def test_inspect_describes_mod(mod_artifact):
     res = runner.invoke(app, ["inspect", str(mod_artifact)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
-    assert "Mixture-of-Depths: blocks 1 routed at capacity 0.5" in res.output
+    assert "Mixture-of-Depths: blocks 1 routed (skipping the block) at capacity 0.5" in res.output
     assert "MLP predictor" in res.output and "run d2d calibrate" not in res.output
 
 

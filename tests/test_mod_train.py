@@ -111,3 +111,23 @@ def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
     assert torch.equal(a, b)
     res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "skipping the attention" in res.output
+
+
+def test_threshold_routing_trains_replays_and_agrees_with_itself(model_dirs, tmp_path):
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--routing", "threshold"]
+    res = runner.invoke(app, args + FAST[:-2] + ["--steps", "60"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "d2d.json").read_text())
+    st, m = meta["stages"][-1]["structure"], meta["stages"][-1]["metrics"]
+    assert st["predictor"] == "threshold" and st["hidden"] is None
+    assert all(h["aux"] == 0 for h in m["history"])
+    # the thresholds were fitted on the calibration split: on held-out text the decision takes
+    # a share near the capacity (this tiny model's logits are not far apart, so loosely)
+    assert m["thresholds"] and 0.1 < m["causal"]["routed_block_fraction"] < 0.45
+    model = d2d.load(out)
+    blk = mod_blocks(model)[1]
+    assert blk.thresholded and blk.predictor is None and blk.mode == "causal"
+    assert float(blk.threshold) != 0.0  # the running threshold was saved and loaded
+    with pytest.raises(D2DError, match="routing must be one of"):
+        ModConfig(routing="random")

@@ -9,7 +9,12 @@ Which tokens a routed block processes:
 - "topk" (training, evaluation): per sequence, the k = ceil(capacity x real length) real tokens
   with the largest r (non-causal: it looks at the whole sequence). Padding is never chosen.
 - "causal" (generation): a token is processed iff sigmoid(r) > 0.5, a decision that needs no
-  later token, trained to agree with top-k membership (an auxiliary BCE loss).
+  later token, trained to agree with top-k membership (an auxiliary BCE loss); for a block
+  trained with threshold routing, iff r exceeds the block's calibrated threshold.
+- "threshold" (training with threshold routing): the tokens whose r reaches the batch's
+  (1 - capacity) quantile over its real tokens; a running average of that quantile becomes the
+  block's threshold, which the causal decision then uses, so training and generation route
+  alike (MoDification's remedy for retrofits).
 - "dense": every real token (the reference: top-k at capacity 1.0).
 The first `sink` positions of a sequence are always processed and count towards k: a pretrained
 decoder parks attention on its first token, and a block that loses it loses its footing.
@@ -44,11 +49,13 @@ from torch import nn
 from d2d import arch
 from d2d.errors import D2DError
 from d2d.nn.moe import RoutingContext
-from d2d.nn.policy import DEPTH_MODES as MODES
+from d2d.nn.policy import DEPTH_MODES
 from d2d.nn.structure import install_context
 from d2d.options import parse_layers
 
 SKIPS = ("block", "attention", "mlp")
+# the policy's modes, and the training mode of threshold routing
+MODES = (*DEPTH_MODES, "threshold")
 _LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -90,6 +97,7 @@ class MoDBlock(nn.Module):
         self.last_logits: torch.Tensor | None = None  # [B, T] router logits
         self.last_causal: torch.Tensor | None = None  # [B, T] logits of the causal decision
         self.last_real: torch.Tensor | None = None  # [B, T] real (non-padding) tokens
+        self.last_forced: torch.Tensor | None = None  # [B, T] sink positions, always taken
 
     @property
     def wrapped_block(self) -> nn.Module:  # what d2d.arch.blocks sees
@@ -107,6 +115,15 @@ class MoDBlock(nn.Module):
         self.predictor = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1)).to(
             device=w.device, dtype=w.dtype
         )
+
+    def add_threshold(self) -> None:
+        """Threshold routing: a running threshold on the router logit decides causally."""
+        w = self.router.weight
+        self.register_buffer("threshold", torch.zeros((), device=w.device, dtype=w.dtype))
+
+    @property
+    def thresholded(self) -> bool:
+        return hasattr(self, "threshold")
 
     def router_macs(self) -> int:
         """Multiply-accumulates per token of the decision in the current mode (the router, and
@@ -129,6 +146,10 @@ class MoDBlock(nn.Module):
             return (choice | forced if forced is not None else choice) & real
         if self.mode == "dense":
             return real
+        if self.mode == "threshold":
+            if not self.thresholded:
+                raise D2DError("threshold mode needs a block trained with threshold routing")
+            return self._batch_threshold(r, real, forced)
         if forced is not None:
             r = r.masked_fill(forced, float("inf"))
         n_real = real.sum(-1)
@@ -138,6 +159,22 @@ class MoDBlock(nn.Module):
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(r.shape[-1], device=r.device).expand_as(order))
         return (ranks < k[:, None]) & real
+
+    THRESHOLD_MOMENTUM = 0.1  # weight of each training batch's quantile in the running one
+
+    def _batch_threshold(self, r, real, forced) -> torch.Tensor:
+        """Training with threshold routing: the tokens at or above the batch's (1 - capacity)
+        quantile of r over its real, unforced tokens; the quantile updates the running
+        threshold. Outside training the running threshold decides (as in causal mode)."""
+        free = real if forced is None else real & ~forced
+        if self.training and bool(free.any()):
+            t = torch.quantile(r.detach()[free].float(), 1.0 - self.capacity).to(r.dtype)
+            with torch.no_grad():
+                self.threshold.lerp_(t, self.THRESHOLD_MOMENTUM)
+        else:
+            t = self.threshold
+        choice = r >= t
+        return (choice | forced if forced is not None else choice) & real
 
     def forward(
         self,
@@ -164,12 +201,15 @@ class MoDBlock(nn.Module):
             if tm is not None and tm.shape == (b, t)
             else torch.ones(b, t, dtype=torch.bool, device=x.device)
         )
-        causal = r if self.predictor is None else self.predictor(xn.detach()).squeeze(-1)
+        if self.thresholded:  # causal by construction: the logit against the threshold
+            causal = r - self.threshold
+        else:
+            causal = r if self.predictor is None else self.predictor(xn.detach()).squeeze(-1)
         forced = None
         if self.sink and position_ids is not None:
             forced = position_ids.expand(b, -1) < self.sink
         choice = self.choose(r, causal, real, forced)
-        self.last_choice, self.last_logits = choice, r
+        self.last_choice, self.last_logits, self.last_forced = choice, r, forced
         self.last_causal, self.last_real = causal, real
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
@@ -291,6 +331,52 @@ class MoDBlock(nn.Module):
         return torch.zeros(b, 1, k, p + k, dtype=dtype, device=valid.device).masked_fill(
             ~allowed[:, None], neg
         )
+
+
+@torch.no_grad()
+def fit_thresholds(
+    model: nn.Module, batches: list[dict], capacity: float | None = None, passes: int = 2
+) -> dict:
+    """Set each threshold-routed block's threshold to the (1 - capacity) quantile of its router
+    logits over the real, unforced tokens of `batches` (the causal decision then takes the
+    capacity's share of such tokens there). A block's inputs depend on the blocks before it,
+    so the fit is repeated `passes` times with the thresholds of the pass before.
+    Returns {layer: threshold}."""
+    out = {}
+    for _ in range(passes):
+        out = _fit_once(model, batches, capacity)
+    return out
+
+
+def _fit_once(model: nn.Module, batches: list[dict], capacity: float | None) -> dict:
+    blocks = {i: b for i, b in mod_blocks(model).items() if b.thresholded}
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in blocks}
+    handles = []
+    for i, b in blocks.items():
+
+        def hook(block, args, out, i=i):
+            free = block.last_real
+            if block.last_forced is not None:
+                free = free & ~block.last_forced
+            seen[i].append(block.last_logits[free].float().cpu())
+
+        handles.append(b.register_forward_hook(hook))
+    try:
+        with depth_mode(model, "causal"):
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for i, b in blocks.items():
+        r = torch.cat(seen[i]) if seen[i] else torch.zeros(0)
+        if r.numel():
+            c = b.capacity if capacity is None else capacity
+            t = float(torch.quantile(r[: 2**20], 1.0 - c))
+            b.threshold.fill_(t)
+            out[i] = t
+    return out
 
 
 def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:

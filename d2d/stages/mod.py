@@ -44,6 +44,14 @@ class ModConfig(TrainFields):
         default=0.3,
         metadata={"help": "Fraction of the steps over which capacity falls from 1.0 to its value."},
     )
+    routing: str = field(
+        default="topk",
+        metadata={
+            "help": "How training picks tokens: topk (per sequence; generation then needs a "
+            "causal predictor) or threshold (the logit against a running quantile threshold, "
+            "which generation uses as it is: causal by construction, no predictor)."
+        },
+    )
     predictor: str = field(
         default="mlp",
         metadata={
@@ -87,6 +95,7 @@ class ModConfig(TrainFields):
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         one_of("predictor", self.predictor, PREDICTORS)
+        one_of("routing", self.routing, ("topk", "threshold"))
         one_of("skip", self.skip, ("block", "attention", "mlp"))  # d2d.nn.depth.SKIPS
         if not self.router_lr > 0:
             raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
@@ -128,20 +137,24 @@ class ModTask:
         import torch.nn.functional as F
 
         cap = self.cfg.capacity_at(step)
+        mode = "threshold" if self.cfg.routing == "threshold" else "topk"
         for b in self.blocks.values():
-            b.mode, b.capacity = "topk", cap
+            b.mode, b.capacity = mode, cap
         ids = batch["input_ids"]
         full = model(input_ids=ids).logits
         logits = full[:, :-1]
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-        aux = torch.stack(
-            [
-                F.binary_cross_entropy_with_logits(
-                    b.last_causal[b.last_real].float(), b.last_choice[b.last_real].float()
-                )
-                for b in self.blocks.values()
-            ]
-        ).mean()
+        if mode == "threshold":  # the decision is the router itself: nothing to imitate
+            aux = torch.zeros((), device=lm.device)
+        else:
+            aux = torch.stack(
+                [
+                    F.binary_cross_entropy_with_logits(
+                        b.last_causal[b.last_real].float(), b.last_choice[b.last_real].float()
+                    )
+                    for b in self.blocks.values()
+                ]
+            ).mean()
         logs = {"lm": float(lm.detach()), "aux": float(aux.detach()), "capacity": cap}
         loss = lm + self.cfg.aux_weight * aux
         if self.teacher is not None:
@@ -207,9 +220,12 @@ def run(art, cfg: ModConfig, progress, out=None):
     torch.manual_seed(cfg.seed)
     insert_mod(model, layers, 1.0, cfg.sink, cfg.skip)
     hidden = None
-    if cfg.predictor == "mlp":
-        hidden = max(16, model.config.hidden_size // 8)
-        for b in mod_blocks(model).values():
+    predictor = "threshold" if cfg.routing == "threshold" else cfg.predictor
+    for b in mod_blocks(model).values():
+        if predictor == "threshold":
+            b.add_threshold()
+        elif predictor == "mlp":
+            hidden = max(16, model.config.hidden_size // 8)
             b.add_predictor(hidden)
     ids = lm_windows(art.tokenizer, corpus_of(cfg).split("train", cfg.seed), cfg.seq_len, None)
     task = ModTask(mod_blocks(model), ids, cfg, evaluate, teacher)
@@ -218,12 +234,30 @@ def run(art, cfg: ModConfig, progress, out=None):
     finally:
         model.requires_grad_(True)
     set_mode(model, "causal", cfg.capacity)
+    thresholds = None
+    if predictor == "threshold":  # the running quantiles lag a moving router: fit them anew
+        from d2d.measure.evaluate import batches_for
+        from d2d.nn.depth import fit_thresholds
+
+        calib = batches_for(
+            model,
+            art.tokenizer,
+            cfg.data,
+            "calib",
+            cfg.seq_len,
+            cfg.eval_tokens,
+            cfg.seed,
+            cfg.doc_split,
+        )
+        thresholds = fit_thresholds(model, calib, cfg.capacity)
+        if is_main_process():
+            result.evals.append({"step": cfg.steps, **evaluate(model)})
     structure = {
         "layers": layers,
         "capacity": cfg.capacity,
         "sink": cfg.sink,
         "skip": cfg.skip,
-        "predictor": cfg.predictor,
+        "predictor": predictor,
         "hidden": hidden,
     }
     if not is_main_process():
@@ -240,6 +274,7 @@ def run(art, cfg: ModConfig, progress, out=None):
         "history": thin(result.history, 200),
         "resumed_from": result.resumed_from,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "thresholds": thresholds,
     }
     return metrics, structure
 
@@ -254,9 +289,11 @@ def replay(model, structure: dict) -> None:
         structure.get("sink", 0),
         structure.get("skip", "block"),
     )
-    if structure.get("predictor") == "mlp":
-        for b in blocks.values():
+    for b in blocks.values():
+        if structure.get("predictor") == "mlp":
             b.add_predictor(structure["hidden"])
+        elif structure.get("predictor") == "threshold":
+            b.add_threshold()
     set_mode(model, "causal")  # generation needs the causal decision
 
 
@@ -309,7 +346,9 @@ def about_lines(described: dict) -> list[str]:
     if not described.get("mod"):
         return []
     mod = described["mod"]
-    pred = "MLP predictor" if mod["predictor"] == "mlp" else "the router's sign"
+    pred = {"mlp": "MLP predictor", "threshold": "router logit against its threshold"}.get(
+        mod["predictor"], "the router's sign"
+    )
     return [
         f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
         f"(skipping the {mod.get('skip') or 'block'}) at capacity {mod['capacity']:g} (top-k), "
