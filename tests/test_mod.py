@@ -322,3 +322,23 @@ def test_fit_thresholds_takes_the_capacity_share_of_the_fitted_tokens():
                 chosen[i] += int(blk.last_choice[:, 1:].sum())  # the sink is always taken
     for i in routed:
         assert chosen[i] / (3 * 4 * 19) == pytest.approx(0.3, abs=0.02)
+
+
+def test_mlp_skip_compacts_rows_and_equals_the_padded_path():
+    """Rows of a batch that decide differently: the compacted path runs only the chosen
+    (row, token) pairs and gives what the padded path gives."""
+    m = llama(seed=7)
+    routed = insert_mod(m, [1, 3], capacity=0.5, skip="mlp")
+    randomise_routers(m, seed=8)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (4, 11), generator=torch.Generator().manual_seed(1))
+    seen = []
+    for b in routed.values():
+        b.block.mlp.register_forward_hook(lambda mod, a, y: seen.append(a[0].shape))
+    compact = logits(m, input_ids=ids)
+    per_row = [b.last_choice.sum(-1) for b in routed.values()]
+    assert any(len(set(p.tolist())) > 1 for p in per_row)  # rows differ
+    assert [s[-2] if len(s) == 2 else None for s in seen] == [int(p.sum()) for p in per_row]
+    for b in routed.values():
+        b.compact = False
+    torch.testing.assert_close(logits(m, input_ids=ids), compact)

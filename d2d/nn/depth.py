@@ -84,6 +84,9 @@ class MoDBlock(nn.Module):
                 "use --skip block"
             )
         self.sink, self.skip = sink, skip
+        # skip "mlp": compute only the chosen (row, token) pairs (False: pad rows like the
+        # attention paths do; kept for the equivalence test)
+        self.compact = True
         self.block = block
         self.router = nn.Linear(d_model, 1)
         nn.init.zeros_(self.router.weight)
@@ -223,6 +226,14 @@ class MoDBlock(nn.Module):
                 self._mask(cache, choice, x.dtype, build=False)
             upd = self._update(x, attention_mask, position_ids, position_embeddings, cache, kw)
             return self._after(x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * upd)
+        if not kv and self.compact:
+            # the MLP alone attends to nothing: run exactly the chosen (row, token) pairs, with
+            # no placeholders for the rows of a batch that take fewer tokens
+            rows, cols = choice.nonzero(as_tuple=True)
+            hs = x[rows, cols]
+            g = 2.0 * torch.sigmoid(r[rows, cols])[:, None].to(x.dtype)
+            upd = g * self._update(hs, None, None, None, None, kw)
+            return x.index_put((rows, cols), upd, accumulate=True)
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
             torch.where(
