@@ -27,6 +27,8 @@ class Family:
     w_gate: str | None = None  # gated FFNs: act(gate(x)) * up(x)
     conv1d: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     passthrough: str | None = None  # module turned into an identity (BERT's intermediate)
+    # attention projections by name (GPT-2 fuses query, key and value into one)
+    attention: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -51,6 +53,12 @@ FAMILIES: dict[str, Family] = {
         w_gate="mlp.gate_proj",
         w_out="mlp.down_proj",
         act="mlp.act_fn",
+        attention=(
+            ("q", "self_attn.q_proj"),
+            ("k", "self_attn.k_proj"),
+            ("v", "self_attn.v_proj"),
+            ("o", "self_attn.o_proj"),
+        ),
     ),
     "bert": Family(
         name="bert",
@@ -66,6 +74,12 @@ FAMILIES: dict[str, Family] = {
         w_out="output.dense",
         act="intermediate.intermediate_act_fn",
         passthrough="intermediate",
+        attention=(
+            ("q", "attention.self.query"),
+            ("k", "attention.self.key"),
+            ("v", "attention.self.value"),
+            ("o", "attention.output.dense"),
+        ),
     ),
     "gpt2": Family(
         name="gpt2",
@@ -76,6 +90,7 @@ FAMILIES: dict[str, Family] = {
         w_out="mlp.c_proj",
         act="mlp.act",
         conv1d=True,
+        attention=(("qkv", "attn.c_attn"), ("o", "attn.c_proj")),
     ),
 }
 
@@ -156,6 +171,11 @@ def _linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | 
         w = w.t()
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
     return w.contiguous(), b
+
+
+def read_linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection's weight in [out, in] (nn.Linear) layout and its bias."""
+    return _linear(mod, conv1d)
 
 
 def read_ffn(block: nn.Module, fam: Family) -> FFNWeights:

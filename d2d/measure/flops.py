@@ -9,6 +9,9 @@ projections and FFN, and about f^2 of its attention scores (chosen tokens attend
 only); its router (and causal predictor, when it decides) runs on every token. A block that
 routes only its attention (skip "attention") counts f for the attention part and its whole FFN;
 one that routes only its MLP (skip "mlp"), its whole attention and f of its FFN.
+
+Attention projections replaced by MLPs (d2d.nn.projection) cost their MLP's multiply-adds
+instead of the projection's, every neuron counted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from d2d import arch
 from d2d.nn.depth import mod_blocks, processed
 from d2d.nn.moe import LayerStats, MoEFFN
+from d2d.nn.projection import extra_macs
 from d2d.nn.structure import moe_layers
 
 
@@ -93,6 +97,7 @@ def converted_flops(
     moes, blocks = moe_layers(model), mod_blocks(model)
     processed = processed or {}
     proj, scores = _attention_macs(model, seq_len, causal)
+    mlp_extra = extra_macs(model)  # attention projections replaced by MLPs (every neuron run)
     attn = ffn = routers = 0.0
     for i, macs in enumerate(dense_ffn_macs(model)):
         f_attn = f_ffn = 1.0  # the shares of tokens the sub-layers process
@@ -102,7 +107,7 @@ def converted_flops(
             f_attn = f if skip in ("block", "attention") else 1.0
             f_ffn = f if skip in ("block", "mlp") else 1.0
             routers += blocks[i].router_macs()
-        attn += f_attn * proj + f_attn * f_attn * scores
+        attn += f_attn * (proj + mlp_extra.get(i, 0)) + f_attn * f_attn * scores
         m = moes.get(i)
         if m is None:
             ffn += f_ffn * macs

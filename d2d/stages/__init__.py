@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from d2d.errors import D2DError
 from d2d.progress import Progress, null_progress
+from d2d.stages import attention_mlp as _attention_mlp
 from d2d.stages import bench as _bench
 from d2d.stages import calibrate as _calibrate
 from d2d.stages import convert as _convert
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STAGES",
+    "AttentionMLPConfig",
     "BenchConfig",
     "CalibrateConfig",
     "ConvertConfig",
@@ -49,9 +51,20 @@ __all__ = [
 
 STAGES: dict[str, Stage] = {
     m.STAGE.name: m.STAGE
-    for m in (_sparsify, _convert, _train_routers, _calibrate, _heal, _evaluation, _mod, _bench)
+    for m in (
+        _sparsify,
+        _convert,
+        _train_routers,
+        _calibrate,
+        _heal,
+        _evaluation,
+        _mod,
+        _attention_mlp,
+        _bench,
+    )
 }
 # the configs (and convert, usable on its own) where library users look for them
+AttentionMLPConfig = _attention_mlp.AttentionMLPConfig
 BenchConfig = _bench.BenchConfig
 CalibrateConfig = _calibrate.CalibrateConfig
 ConvertConfig = _convert.ConvertConfig

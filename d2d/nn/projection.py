@@ -1,0 +1,121 @@
+"""Attention projections replaced by two-layer ReLU MLPs (D2DMoE's second half, step 1).
+
+Each chosen projection (query, key, value, output; GPT-2's fused query-key-value) becomes
+fc2(relu(fc1(x))), an MLP whose hidden activations can be made sparse and later split into
+experts like an FFN's. With a hidden width of at least twice the projection's output the MLP
+starts as the projection exactly: relu(z) - relu(-z) = z, so fc1 = [W; -W] and fc2 = [I, -I]
+reproduce W x (and for every input, one of each pair of neurons is zero). Training then moves
+it from there (d2d.stages.attention_mlp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from d2d import arch
+from d2d.errors import D2DError
+
+
+class ProjectionMLP(nn.Module):
+    """fc2(relu(fc1(x))) in place of a linear projection d_in -> d_out."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc1(x))
+
+    def macs(self) -> int:
+        """Multiply-accumulates per token, every neuron computed."""
+        return self.fc1.weight.numel() + self.fc2.weight.numel()
+
+    @torch.no_grad()
+    def start_from(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Equal to the projection y = W x + b where the width allows (hidden >= 2 d_out):
+        neuron pairs (W_i x, -W_i x) through ReLU and back with (+1, -1). Extra neurons start
+        at zero output weight. A narrower MLP keeps its random start."""
+        d_out = w.shape[0]
+        if self.fc1.out_features < 2 * d_out:
+            return
+        self.fc1.weight.zero_()
+        self.fc1.bias.zero_()
+        self.fc2.weight.zero_()
+        self.fc1.weight[:d_out] = w
+        self.fc1.weight[d_out : 2 * d_out] = -w
+        eye = torch.eye(d_out, dtype=w.dtype, device=w.device)
+        self.fc2.weight[:, :d_out] = eye
+        self.fc2.weight[:, d_out : 2 * d_out] = -eye
+        self.fc2.bias.copy_(b if b is not None else torch.zeros_like(self.fc2.bias))
+        extra = self.fc1.out_features - 2 * d_out
+        if extra:  # a little random input weight, so that training can use them
+            nn.init.normal_(self.fc1.weight[2 * d_out :], std=w.std().item())
+
+
+def projection_paths(fam: arch.Family, names: list[str] | None) -> list[tuple[str, str]]:
+    """(name, path) of the projections to replace; `names` None means all of them."""
+    table = dict(fam.attention)
+    if not table:
+        raise D2DError(f"the {fam.name} family has no attention projection table in d2d/arch")
+    if names is None:
+        return list(fam.attention)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise D2DError(
+            f"unknown projection {unknown[0]!r} for the {fam.name} family: choose from "
+            f"{', '.join(table)}"
+        )
+    return [(n, table[n]) for n in names]
+
+
+def replace_projections(
+    model: nn.Module, layers: list[int], names: list[str] | None, hidden: dict[str, int]
+) -> dict[tuple[int, str], tuple[ProjectionMLP, torch.Tensor, torch.Tensor | None]]:
+    """Put a ProjectionMLP (hidden width per projection name) in place of each chosen
+    projection of each layer. Returns {(layer, name): (mlp, original W [out, in], bias)}."""
+    fam = arch.detect(model)
+    blocks = arch.blocks(model, fam)
+    out = {}
+    for i in layers:
+        for name, path in projection_paths(fam, names):
+            mod = arch.get_path(blocks[i], path)
+            if isinstance(mod, ProjectionMLP):
+                raise D2DError(f"layer {i}'s {name} projection is already an MLP")
+            w, b = arch.read_linear(mod, fam.conv1d)
+            ref = next(mod.parameters())
+            mlp = ProjectionMLP(w.shape[1], hidden[name], w.shape[0])
+            mlp = mlp.to(device=ref.device, dtype=ref.dtype)
+            arch.set_path(blocks[i], path, mlp)
+            out[(i, name)] = (mlp, w, b)
+    return out
+
+
+def projection_mlps(model: nn.Module) -> dict[tuple[int, str], ProjectionMLP]:
+    """Every replaced projection: {(layer, name): mlp}."""
+    fam = arch.detect(model)
+    out = {}
+    for i, block in enumerate(arch.blocks(model, fam)):
+        for name, path in fam.attention:
+            try:
+                mod = arch.get_path(block, path)
+            except AttributeError:
+                continue
+            if isinstance(mod, ProjectionMLP):
+                out[(i, name)] = mod
+    return out
+
+
+def extra_macs(model: nn.Module) -> dict[int, int]:
+    """Per layer: multiply-accumulates per token the replacement MLPs add over the projections
+    they replaced (negative where an MLP is cheaper)."""
+    out: dict[int, int] = {}
+    for (i, _), m in projection_mlps(model).items():
+        linear = m.fc1.in_features * m.fc2.out_features
+        out[i] = out.get(i, 0) + m.macs() - linear
+    return out
