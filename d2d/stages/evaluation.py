@@ -40,6 +40,23 @@ class EvalConfig(SampleFields):
         default="0.95,0.9,0.85,0.8,0.7,0.6,0.5,0.4,0.3,0.2",
         metadata={"help": "FFN FLOPs budgets of the per-layer rules and peers compared."},
     )
+    lm_eval: str = field(
+        default="",
+        metadata={
+            "help": "Also run these lm-evaluation-harness tasks (comma list; d2d_bbc_topic and "
+            "d2d_shakespeare are built from the bundled data) at the routing generation uses "
+            "and with every expert, on the same model ('pip install d2d[eval]')."
+        },
+    )
+    lm_eval_include: str = field(
+        default="", metadata={"help": "A folder of harness task YAMLs to add to its registry."}
+    )
+    lm_eval_limit: int = field(
+        default=0, metadata={"help": "Documents per harness task (0: all of them)."}
+    )
+    lm_eval_batch_size: int = field(
+        default=8, metadata={"help": "Batch size of the harness's forward passes."}
+    )
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
 
@@ -53,6 +70,8 @@ class EvalConfig(SampleFields):
                 f"bad --compare {self.compare!r}: use some of {', '.join(COMPARE_FAMILIES)}"
             )
         parse_budgets(self.compare_budgets)
+        if self.lm_eval_limit < 0 or self.lm_eval_batch_size < 1:
+            raise D2DError("lm-eval-limit must be >= 0 and lm-eval-batch-size >= 1")
         super().__post_init__()
 
 
@@ -116,6 +135,23 @@ def run(art, cfg: EvalConfig, progress):
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
     if cfg.compare_rules:
         out["rules"] = compare_rules(art, cfg, ev, progress)
+    if cfg.lm_eval:
+        from d2d.measure.harness import parse_tasks, run_harness
+
+        generation = {**policy, "depth": "causal"} if blocks else policy
+        progress("lm-evaluation-harness", 0, 2)
+        out["lm_eval"] = run_harness(
+            art.model,
+            art.tokenizer,
+            parse_tasks(cfg.lm_eval),
+            {"dense": {"rule": "all"}, "d2d": generation},
+            include=cfg.lm_eval_include or None,
+            limit=cfg.lm_eval_limit or None,
+            batch_size=cfg.lm_eval_batch_size,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+        )
+        progress("lm-evaluation-harness", 2, 2)
     if blocks:
         out["mod"] = {"layers": sorted(blocks), "capacity": next(iter(blocks.values())).capacity}
     return out, {}
@@ -265,7 +301,28 @@ def view(record: dict) -> list:
     out = [t, "time: see d2d bench (it times the fast path against dense in one run)"]
     if m.get("rules"):
         out += _rules_view(m["rules"], m["rows"][0]["metric"])
+    if m.get("lm_eval"):
+        out += harness_view(m["lm_eval"])
     return out
+
+
+def harness_view(h: dict) -> list:
+    """The harness's figures: task, metric, dense, d2d, change; and the FLOPs spent."""
+    f = h["flops"]["d2d"]
+    t = Table(
+        f"lm-evaluation-harness {h['versions']['lm_eval']} (d2d at {pct(f['ffn_fraction'])} "
+        f"of the FFN FLOPs, {pct(f['model_fraction'])} of the model's, on these tasks' tokens)",
+        ["task", "metric", "dense", "d2d", "change"],
+        left=("task", "metric"),
+    )
+    for task, metrics in sorted(h["tasks"].items()):
+        for metric, v in metrics.items():
+            dense, ours = v.get("dense"), v.get("d2d")
+            if dense is None or ours is None:
+                continue
+            rel = (ours - dense) / abs(dense) if dense else 0.0
+            t.add(task, metric, f"{dense:.4g}", f"{ours:.4g}", f"{100 * rel:+.1f}%")
+    return [t]
 
 
 STAGE = Stage(
