@@ -20,9 +20,8 @@ from d2d.nn.moe import MoEFFN, Router
 from d2d.nn.policy import ALL
 from d2d.nn.routing import routing
 from d2d.nn.structure import attach_routers, moe_layers
-from d2d.options import LoopConfig
 from d2d.progress import Progress, null_progress
-from d2d.train import train
+from d2d.train import cached_loop, train
 
 
 @torch.no_grad()
@@ -143,16 +142,7 @@ def train_router_set(
     kind = getattr(cfg, "loss", "mse")
     eps = {i: LOG_FLOOR * float(y.mean()) + 1e-12 for i, (_, y) in data.items()}
     task = _RoutersTask(data, kind, eps)
-    loop = LoopConfig(
-        steps=cfg.steps,
-        batch_size=min(cfg.batch_size, task.n_examples),
-        lr=cfg.lr,
-        warmup=0.0,
-        decay="cosine",
-        clip=0.0,
-        seed=cfg.seed,
-        bf16=False,
-    )
+    loop = cached_loop(cfg, task.n_examples)
     result = train(nn.ModuleDict(routers), task, loop, progress, label="training routers")
     last = result.history[-1]
     return {i: last[f"loss_{i}"] for i in routers}

@@ -286,6 +286,22 @@ def train_stage(model, task, cfg, source: str, out, progress: Progress, label: s
     return result
 
 
+def cached_loop(cfg, n_examples: int, clip: float = 0.0) -> LoopConfig:
+    """Loop settings for fitting small modules on cached activations (routers, projection
+    MLPs): `cfg`'s steps, batch size (at most the examples), lr and seed; fp32, no warm-up,
+    cosine decay."""
+    return LoopConfig(
+        steps=cfg.steps,
+        batch_size=min(cfg.batch_size, n_examples),
+        lr=cfg.lr,
+        warmup=0.0,
+        decay="cosine",
+        clip=clip,
+        seed=cfg.seed,
+        bf16=False,
+    )
+
+
 def distill_kl(student, teacher, mask=None):
     """KL(teacher || student) between the softmax distributions of two logit tensors
     [..., V], summed over the vocabulary and averaged over positions (the real ones, where

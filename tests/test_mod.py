@@ -33,6 +33,18 @@ def randomise_routers(m, seed=0, scale=2.0):
         blk.router.bias.data.zero_()
 
 
+def stepwise(m, ids, first: int):
+    """Logits from a prefill of the first `first` tokens, then one decoding step per token."""
+    with torch.no_grad():
+        out = m(input_ids=ids[:, :first], use_cache=True)
+        steps, cache = [out.logits], out["cache"]
+        for j in range(first, ids.shape[1]):
+            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
+            cache = out["cache"]
+            steps.append(out.logits)
+    return torch.cat(steps, 1), cache
+
+
 def test_capacity_one_equals_dense():
     dense = llama()
     m = llama()
@@ -113,15 +125,8 @@ def test_causal_mode_prefill_equals_step_decoding_and_cache_skips(batch):
     full = logits(m, input_ids=ids)  # no cache: every token decided causally at once
     per_row = {i: b.last_choice.sum(-1) for i, b in routed.items()}
     assert any(0 < int(n) < 9 for v in per_row.values() for n in v)  # some tokens skip
-    with torch.no_grad():
-        out = m(input_ids=ids[:, :4], use_cache=True)
-        steps = [out.logits]
-        cache = out["cache"]
-        for j in range(4, 9):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    got, cache = stepwise(m, ids, 4)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5)
     if batch == 1:
         for i in range(4):  # routed blocks cache only what they processed
             n = cache.get_seq_length(i)
@@ -250,14 +255,7 @@ def test_skip_kinds_prefill_equals_step_decoding(skip, batch):
     set_mode(m, "causal")
     ids = torch.randint(1, 96, (batch, 9), generator=torch.Generator().manual_seed(batch))
     full = logits(m, input_ids=ids)
-    with torch.no_grad():
-        out = m(input_ids=ids[:, :4], use_cache=True)
-        steps, cache = [out.logits], out["cache"]
-        for j in range(4, 9):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepwise(m, ids, 4)[0], full, rtol=1e-4, atol=1e-5)
 
 
 def test_skip_kind_needs_the_llama_layout():
@@ -293,14 +291,7 @@ def test_threshold_routing_trains_on_batch_quantiles_and_decodes_like_prefill():
     full = logits(m, input_ids=ids)
     for b in routed.values():
         torch.testing.assert_close(b.last_choice, b.last_logits > b.threshold)
-    with torch.no_grad():
-        out = m(input_ids=ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out["cache"]
-        for j in range(5, 16):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepwise(m, ids, 5)[0], full, rtol=1e-4, atol=1e-5)
 
 
 def test_fit_thresholds_takes_the_capacity_share_of_the_fitted_tokens():

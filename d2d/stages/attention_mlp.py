@@ -144,8 +144,7 @@ def run(art, cfg: AttentionMLPConfig, progress):
     from d2d.measure.evaluate import Evaluator, batches_for
     from d2d.nn.policy import ALL
     from d2d.nn.projection import projection_mlps, projection_paths, replace_projections
-    from d2d.options import LoopConfig
-    from d2d.train import train
+    from d2d.train import cached_loop, train
 
     model = art.model
     if projection_mlps(model):
@@ -180,16 +179,7 @@ def run(art, cfg: AttentionMLPConfig, progress):
     for p in mlps.parameters():
         p.requires_grad_(True)
     task = _ProjectionTask(data, cfg.weight)
-    loop = LoopConfig(
-        steps=cfg.steps,
-        batch_size=min(cfg.batch_size, task.n_examples),
-        lr=cfg.lr,
-        warmup=0.0,
-        decay="cosine",
-        clip=1.0,
-        seed=cfg.seed,
-        bf16=False,
-    )
+    loop = cached_loop(cfg, task.n_examples, clip=1.0)
     try:
         result = train(mlps, task, loop, progress, label="training projection MLPs")
     finally:

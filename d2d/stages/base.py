@@ -177,6 +177,25 @@ class TrainFields(DataFields):
         return str(out.parent / f"{out.name}.checkpoints")
 
 
+@dataclass
+class DistillFields(TrainFields):
+    """TrainFields plus distillation to the frozen input model (sparsify, mod)."""
+
+    distill: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the KL divergence to the frozen input model's output distribution "
+            "beside the training loss (keeps a fine-tune on little data close to the model "
+            "it started from)."
+        },
+    )
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation KL."})
+
+    def __post_init__(self):
+        at_least(self, 0, "distill_weight")
+        super().__post_init__()
+
+
 def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise D2DError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")

@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct, thin
+from d2d.stages.base import DistillFields, Stage, Table, at_least, corpus_of, one_of, pct, thin
 
 PREDICTORS = ("aux-loss", "mlp")
 
 
 @dataclass
-class ModConfig(TrainFields):
+class ModConfig(DistillFields):
     capacity: float = field(
         default=0.125, metadata={"help": "Fraction of a sequence's tokens a routed block takes."}
     )
@@ -62,16 +62,6 @@ class ModConfig(TrainFields):
     aux_weight: float = field(
         default=0.1, metadata={"help": "Weight of the BCE loss that trains the causal decision."}
     )
-    distill: bool = field(
-        default=False,
-        metadata={
-            "help": "Add the KL divergence to the frozen model before routers (its "
-            "next-token distribution) to the LM loss."
-        },
-    )
-    distill_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the distillation KL beside the LM loss."}
-    )
     freeze_base: bool = field(
         default=False,
         metadata={
@@ -91,7 +81,7 @@ class ModConfig(TrainFields):
         if not 0.0 < self.capacity <= 1.0:
             raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
         at_least(self, 1, "every")
-        at_least(self, 0, "sink", "aux_weight", "distill_weight")
+        at_least(self, 0, "sink", "aux_weight")
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         one_of("predictor", self.predictor, PREDICTORS)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import Stage, Table, TrainFields, at_least, corpus_of, one_of, pct, thin
+from d2d.stages.base import DistillFields, Stage, Table, at_least, corpus_of, one_of, pct, thin
 
 TASKS = ("auto", "causal-lm", "classification")
 PENALTIES = ("hoyer", "l1")
@@ -21,7 +21,7 @@ PENALTY_TARGETS = ("hidden", "gate")  # d2d.nn.activations.TAP_TARGETS (kept tor
 
 
 @dataclass
-class SparsifyConfig(TrainFields):
+class SparsifyConfig(DistillFields):
     task: str = field(
         default="auto",
         metadata={
@@ -50,23 +50,13 @@ class SparsifyConfig(TrainFields):
             "(the gate's activation alone, in gated FFNs; the same as hidden elsewhere)."
         },
     )
-    distill: bool = field(
-        default=False,
-        metadata={
-            "help": "Add a KL divergence to the frozen input model's output distribution "
-            "(keeps the fine-tune close to the model it started from on little data)."
-        },
-    )
-    distill_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the distillation KL beside the task loss."}
-    )
 
     def __post_init__(self):
         one_of("task", self.task, TASKS)
         one_of("penalty", self.penalty, PENALTIES)
         one_of("schedule", self.schedule, WEIGHT_SCHEDULES)
         one_of("penalty_on", self.penalty_on, PENALTY_TARGETS)
-        at_least(self, 0, "weight", "distill_weight")
+        at_least(self, 0, "weight")
         if not 0 <= self.weight_warmup <= 1:
             raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
         super().__post_init__()
