@@ -131,3 +131,27 @@ def test_threshold_routing_trains_replays_and_agrees_with_itself(model_dirs, tmp
     assert float(blk.threshold) != 0.0  # the running threshold was saved and loaded
     with pytest.raises(D2DError, match="routing must be one of"):
         ModConfig(routing="random")
+
+
+def test_lora_adapters_train_and_merge_into_the_routed_blocks_only(model_dirs, tmp_path):
+    from d2d.models import load_base
+
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--freeze-base"]
+    args += ["--lora-rank", "4"] + FAST[:-2] + ["--steps", "20"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "d2d.json").read_text())
+    assert meta["stages"][-1]["metrics"]["lora"] == {"rank": 4, "modules": 7}
+    base = load_base(model_dirs["gated"]).model.state_dict()
+    got = {
+        k.replace(".block.", "."): v
+        for k, v in d2d.load(out).state_dict().items()
+        if "router" not in k and "predictor" not in k
+    }
+    assert set(got) == set(base)  # merged: no adapter weights, the plain structure
+    moved = {k for k in base if not torch.equal(got[k], base[k])}
+    assert moved and all(k.startswith("model.layers.1.") for k in moved)
+    assert all(k.endswith("proj.weight") for k in moved)
+    with pytest.raises(D2DError, match="add --freeze-base"):
+        ModConfig(lora_rank=4)

@@ -69,6 +69,14 @@ class ModConfig(DistillFields):
             "stays as it was, so it keeps its function wherever it does not skip."
         },
     )
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "With --freeze-base: also train LoRA adapters of this rank (PEFT) on the "
+            "routed blocks' attention and MLP projections, merged into the weights at the end "
+            "(0: none)."
+        },
+    )
     router_lr: float = field(
         default=2e-3,
         metadata={
@@ -81,7 +89,9 @@ class ModConfig(DistillFields):
         if not 0.0 < self.capacity <= 1.0:
             raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
         at_least(self, 1, "every")
-        at_least(self, 0, "sink", "aux_weight")
+        at_least(self, 0, "sink", "aux_weight", "lora_rank")
+        if self.lora_rank and not self.freeze_base:
+            raise D2DError("--lora-rank trains adapters on a frozen base: add --freeze-base")
         if not 0.0 <= self.anneal <= 1.0:
             raise D2DError(f"anneal must be in [0, 1], got {self.anneal}")
         one_of("predictor", self.predictor, PREDICTORS)
@@ -217,11 +227,13 @@ def run(art, cfg: ModConfig, progress, out=None):
         elif predictor == "mlp":
             hidden = max(16, model.config.hidden_size // 8)
             b.add_predictor(hidden)
+    adapters = add_lora(model, layers, cfg.lora_rank) if cfg.lora_rank else []
     ids = lm_windows(art.tokenizer, corpus_of(cfg).split("train", cfg.seed), cfg.seq_len, None)
     task = ModTask(mod_blocks(model), ids, cfg, evaluate, teacher)
     try:
         result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
     finally:
+        merge_lora(model, adapters)
         model.requires_grad_(True)
     set_mode(model, "causal", cfg.capacity)
     thresholds = None
@@ -261,12 +273,52 @@ def run(art, cfg: ModConfig, progress, out=None):
         "topk": after["topk"],
         "causal": after["causal"],
         "evals": result.evals,
+        "lora": {"rank": cfg.lora_rank, "modules": len(adapters)} if adapters else None,
         "history": thin(result.history, 200),
         "resumed_from": result.resumed_from,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
         "thresholds": thresholds,
     }
     return metrics, structure
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, layers: list[int], rank: int) -> list[str]:
+    """LoRA adapters (PEFT) of `rank` on the routed blocks' projections; everything else keeps
+    its trainability (PEFT marks only adapters trainable: the routers are re-enabled).
+    Returns the adapted modules' names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from d2d.nn.depth import mod_blocks
+
+    blocks = "|".join(str(i) for i in layers)
+    pattern = rf".*\.({blocks})\.block\..*\.({'|'.join(LORA_TARGETS)})"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=pattern)
+    inject_adapter_in_model(cfg, model)
+    for p in trainable:
+        p.requires_grad_(True)
+    for b in mod_blocks(model).values():
+        for m in (b.router, b.predictor):
+            if m is not None:
+                m.requires_grad_(True)
+    names = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    if not names:
+        raise D2DError("no projection of the routed blocks took a LoRA adapter")
+    return names
+
+
+def merge_lora(model, names: list[str]) -> None:
+    """Fold each adapter into its layer's weight and put the plain layer back, so that the
+    artifact has the structure (and the weight names) of a model without adapters."""
+    from d2d import arch
+
+    for name in names:
+        mod = model.get_submodule(name)
+        mod.merge()
+        arch.set_path(model, name, mod.get_base_layer())
 
 
 def replay(model, structure: dict) -> None:
