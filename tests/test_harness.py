@@ -47,6 +47,8 @@ def test_dense_model_and_every_expert_artifact_score_alike(model_dirs, tmp_path)
     ppl = got["tasks"]["d2d_shakespeare"]["word_perplexity"]
     assert abs(ppl["d2d"] / ppl["dense"] - 1) > 1e-4
     assert got["flops"]["dense"]["ffn_fraction"] == pytest.approx(1.0)
+    assert got["n_samples"] == {"d2d_bbc_topic": 4, "d2d_shakespeare": 4}
+    assert "sample_len" not in got["tasks"]["d2d_bbc_topic"]
     assert got["flops"]["d2d"]["ffn_fraction"] == pytest.approx(0.125, abs=0.02)
 
 

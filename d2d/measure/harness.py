@@ -190,10 +190,12 @@ def run_harness(
             row = out["tasks"].setdefault(task, {})
             for key, value in metrics.items():
                 metric, _, filt = key.partition(",")
-                if metric in ("alias",) or metric.endswith("_stderr") or not _number(value):
+                if metric == "sample_len":  # the documents evaluated, not a score
+                    out["n_samples"][task] = int(value)
+                    continue
+                if metric == "alias" or metric.endswith("_stderr") or not _number(value):
                     continue
                 row.setdefault(metric, {})[name] = float(value)
-        out["n_samples"] = {t: v.get("effective", v) for t, v in res.get("n-samples", {}).items()}
     out["versions"] = {"lm_eval": getattr(lm_eval, "__version__", "unknown")}
     return out
 

@@ -316,12 +316,14 @@ def harness_view(h: dict) -> list:
         left=("task", "metric"),
     )
     for task, metrics in sorted(h["tasks"].items()):
+        n = h.get("n_samples", {}).get(task)
+        name = f"{task} ({n} documents)" if n else task
         for metric, v in metrics.items():
             dense, ours = v.get("dense"), v.get("d2d")
             if dense is None or ours is None:
                 continue
             rel = (ours - dense) / abs(dense) if dense else 0.0
-            t.add(task, metric, f"{dense:.4g}", f"{ours:.4g}", f"{100 * rel:+.1f}%")
+            t.add(name, metric, f"{dense:.4g}", f"{ours:.4g}", f"{100 * rel:+.1f}%")
     return [t]
 
 
