@@ -11,7 +11,7 @@ seeded Gaussian projection, which keeps distances to within a few percent: a lay
 8B-shaped FFN then clusters in seconds.
 
 The features are either the neurons' weight rows or their co-activation profiles
-(`profile_sketch`): what each neuron's |activation| was on a set of tokens, normalised, so
+(`ProfileSketch`): what each neuron's |activation| was on a set of tokens, normalised, so
 that neurons that fire on the same tokens land in the same expert.
 """
 

@@ -315,6 +315,29 @@ def distill_kl(student, teacher, mask=None):
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` in eval mode: the teacher of a distillation."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def teacher_kl(teacher: nn.Module, student_logits, inputs: dict, mask=None):
+    """distill_kl of `student_logits` against the teacher's logits on the same `inputs`
+    (model keyword arguments; a `labels` entry is not passed to the teacher)."""
+    with torch.no_grad():
+        target = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    return distill_kl(student_logits, target, mask)
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal LM cross-entropy: position t's logits against token t + 1."""
+    lg = logits[:, :-1]
+    return F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
 def remove_checkpoints(folder: str | Path | None) -> None:
     if folder and Path(folder).is_dir() and is_main_process():
         shutil.rmtree(folder, ignore_errors=True)

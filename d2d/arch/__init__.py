@@ -165,7 +165,8 @@ class FFNWeights:
     b_gate: torch.Tensor | None = None
 
 
-def _linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection's weight in [out, in] (nn.Linear) layout and its bias."""
     w = mod.weight.detach()
     if conv1d:
         w = w.t()
@@ -173,15 +174,10 @@ def _linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | 
     return w.contiguous(), b
 
 
-def read_linear(mod: nn.Module, conv1d: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A projection's weight in [out, in] (nn.Linear) layout and its bias."""
-    return _linear(mod, conv1d)
-
-
 def read_ffn(block: nn.Module, fam: Family) -> FFNWeights:
-    w_in, b_in = _linear(get_path(block, fam.w_in), fam.conv1d)
-    w_out, b_out = _linear(get_path(block, fam.w_out), fam.conv1d)
+    w_in, b_in = read_linear(get_path(block, fam.w_in), fam.conv1d)
+    w_out, b_out = read_linear(get_path(block, fam.w_out), fam.conv1d)
     w_gate = b_gate = None
     if fam.w_gate:
-        w_gate, b_gate = _linear(get_path(block, fam.w_gate), fam.conv1d)
+        w_gate, b_gate = read_linear(get_path(block, fam.w_gate), fam.conv1d)
     return FFNWeights(w_in, b_in, w_out, b_out, get_path(block, fam.act), w_gate, b_gate)

@@ -137,12 +137,12 @@ def run_harness(
     from d2d.nn.routing import collecting, routing
 
     lm_eval, HFLM, TaskManager = _harness()
+    if include and not Path(include).is_dir():
+        raise D2DError(f"--lm-eval-include {include} is not a folder: point it at task YAMLs")
     paths = [include] if include else []
     if any(t in LOCAL_TASKS for t in tasks):
         local = Path(local_dir) if local_dir else Path(tempfile.mkdtemp(prefix="d2d-tasks-"))
         paths.append(str(write_local_tasks(local, seed)))
-    if include and not Path(include).is_dir():
-        raise D2DError(f"--lm-eval-include {include} is not a folder: point it at task YAMLs")
     manager = TaskManager(include_path=paths or None, verbosity="ERROR")
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
@@ -163,7 +163,6 @@ def run_harness(
         prefix_token_id=prefix,
     )
     out: dict = {"tasks": {}, "flops": {}, "n_samples": {}}
-    causal = True
     for name, policy in policies.items():
         with (
             torch.no_grad(),
@@ -184,12 +183,12 @@ def run_harness(
                 fewshot_random_seed=seed,
                 verbosity="ERROR",
             )
-            ffn, whole = fractions(model, seq_len, causal, stats, dstats)
+            ffn, whole = fractions(model, seq_len, True, stats, dstats)
         out["flops"][name] = {"ffn_fraction": ffn, "model_fraction": whole}
         for task, metrics in res["results"].items():
             row = out["tasks"].setdefault(task, {})
             for key, value in metrics.items():
-                metric, _, filt = key.partition(",")
+                metric = key.partition(",")[0]  # "acc,none": the metric, then its filter
                 if metric == "sample_len":  # the documents evaluated, not a score
                     out["n_samples"][task] = int(value)
                     continue

@@ -59,6 +59,11 @@ MODES = (*DEPTH_MODES, "threshold")
 _LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+def _taken(choice: torch.Tensor, forced: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
+    """The tokens a block processes: its choice plus the forced (sink) positions, real only."""
+    return (choice if forced is None else choice | forced) & real
+
+
 class MoDBlock(nn.Module):
     """A decoder block behind a Mixture-of-Depths router."""
 
@@ -146,7 +151,7 @@ class MoDBlock(nn.Module):
         """Boolean [B, T]: the tokens this block processes (`forced`: the sink positions)."""
         if self.mode == "causal":
             choice = causal > 0  # sigmoid(logit) > 0.5
-            return (choice | forced if forced is not None else choice) & real
+            return _taken(choice, forced, real)
         if self.mode == "dense":
             return real
         if self.mode == "threshold":
@@ -177,7 +182,7 @@ class MoDBlock(nn.Module):
         else:
             t = self.threshold
         choice = r >= t
-        return (choice | forced if forced is not None else choice) & real
+        return _taken(choice, forced, real)
 
     def forward(
         self,

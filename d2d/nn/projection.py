@@ -27,7 +27,7 @@ class ProjectionMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.fc1(x))

@@ -56,21 +56,14 @@ class HealTask:
         return {"input_ids": self.ids[indices]}
 
     def loss(self, model, batch: dict, step: int):
-        import torch
-        import torch.nn.functional as F
+        from d2d.train import next_token_loss, teacher_kl
 
-        from d2d.train import distill_kl
-
-        ids = batch["input_ids"]
-        with torch.no_grad():
-            target = self.teacher(input_ids=ids).logits
-        logits = model(input_ids=ids).logits
-        kl = distill_kl(logits, target)
+        logits = model(**batch).logits
+        kl = teacher_kl(self.teacher, logits, batch)
         logs = {"kl": float(kl.detach()), "loss": float(kl.detach())}
         loss = kl
         if self.cfg.lm_weight > 0:
-            lg = logits[:, :-1]
-            lm = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            lm = next_token_loss(logits, batch["input_ids"])
             loss = kl + self.cfg.lm_weight * lm
             logs["lm"] = float(lm.detach())
         return loss, logs
@@ -81,8 +74,6 @@ class HealTask:
 
 def run(art, cfg: HealConfig, progress, out=None):
     """Fine-tune art.model at its routing. Returns (metrics, structure)."""
-    import copy
-
     import torch
 
     from d2d.data import lm_windows
@@ -92,7 +83,7 @@ def run(art, cfg: HealConfig, progress, out=None):
     from d2d.nn.policy import ALL
     from d2d.nn.routing import apply_routing
     from d2d.nn.structure import moe_layers
-    from d2d.train import train_stage
+    from d2d.train import frozen_copy, train_stage
 
     model = art.model
     policy = art.meta.get("routing")
@@ -103,8 +94,7 @@ def run(art, cfg: HealConfig, progress, out=None):
         )
     if task_of(model) != "causal-lm":
         raise D2DError("heal distils next-token distributions: give a causal language model")
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
+    teacher = frozen_copy(model)
     apply_routing(teacher, ALL)
     moes = moe_layers(model)
     if cfg.trains == "ffn":

@@ -140,10 +140,10 @@ class ModTask:
         mode = "threshold" if self.cfg.routing == "threshold" else "topk"
         for b in self.blocks.values():
             b.mode, b.capacity = mode, cap
-        ids = batch["input_ids"]
-        full = model(input_ids=ids).logits
-        logits = full[:, :-1]
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        from d2d.train import next_token_loss, teacher_kl
+
+        logits = model(**batch).logits
+        lm = next_token_loss(logits, batch["input_ids"])
         if mode == "threshold":  # the decision is the router itself: nothing to imitate
             aux = torch.zeros((), device=lm.device)
         else:
@@ -158,11 +158,7 @@ class ModTask:
         logs = {"lm": float(lm.detach()), "aux": float(aux.detach()), "capacity": cap}
         loss = lm + self.cfg.aux_weight * aux
         if self.teacher is not None:
-            from d2d.train import distill_kl
-
-            with torch.no_grad():
-                target = self.teacher(input_ids=ids).logits
-            kl = distill_kl(full, target)
+            kl = teacher_kl(self.teacher, logits, batch)
             logs["kl"] = float(kl.detach())
             loss = loss + self.cfg.distill_weight * kl
         return loss, logs
@@ -191,7 +187,7 @@ def run(art, cfg: ModConfig, progress, out=None):
     from d2d.measure.evaluate import Evaluator
     from d2d.models import task_of
     from d2d.nn.depth import insert_mod, mod_blocks, routed_layers, set_mode
-    from d2d.train import train_stage
+    from d2d.train import frozen_copy, train_stage
 
     model = art.model
     if task_of(model) != "causal-lm":
@@ -209,12 +205,7 @@ def run(art, cfg: ModConfig, progress, out=None):
         return {mode: depth_row(ev.measure(m, {"depth": mode})) for mode in ("topk", "causal")}
 
     dense = ev.measure(model, {"rule": "all"}).quality if is_main_process() else None
-    teacher = None
-    if cfg.distill:
-        import copy
-
-        teacher = copy.deepcopy(model).eval()
-        teacher.requires_grad_(False)
+    teacher = frozen_copy(model) if cfg.distill else None
     if cfg.freeze_base:  # the routers and predictors inserted below are new and train
         model.requires_grad_(False)
     torch.manual_seed(cfg.seed)

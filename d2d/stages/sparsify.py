@@ -129,15 +129,11 @@ class SparsifyTask:
         loss = task_loss + w * pen if w > 0 else task_loss
         kl = None
         if self.teacher is not None:
-            import torch
+            from d2d.train import teacher_kl
 
-            from d2d.train import distill_kl
-
-            with torch.no_grad():
-                t_logits = self.teacher(**{k: v for k, v in kw.items() if k != "labels"}).logits
             # a classifier's logits are per example: the token mask does not apply
             kl_mask = mask if self.kind == "causal-lm" else None
-            kl = distill_kl(out.logits, t_logits, kl_mask)
+            kl = teacher_kl(self.teacher, out.logits, kw, kl_mask)
             loss = loss + c.distill_weight * kl
         stats = sparsity_stats(acts, mask)
         n = max(1, sum(k for _, _, k in stats))
@@ -181,10 +177,9 @@ def run(art, cfg: SparsifyConfig, progress, out=None):
                 f"--distill needs the input model's own outputs, and {name} has no "
                 f"{task} head yet: fine-tune it without --distill"
             )
-        import copy
+        from d2d.train import frozen_copy
 
-        teacher = copy.deepcopy(art.model).eval()
-        teacher.requires_grad_(False)
+        teacher = frozen_copy(art.model)
     if task == "classification":
         art.model = with_classification_head(art.model, corpus.label_names, cfg.seed)
         art.meta["model_class"] = type(art.model).__name__
