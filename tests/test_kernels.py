@@ -172,3 +172,112 @@ def test_gpu_sparse_equals_masked(dtype):
         got = outputs(m, input_ids=ids)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def _threshold_layer(seed: int):
+    """A random MoE layer under a random exact-value threshold policy, and its input."""
+    from d2d.nn.policy import RoutingPolicy
+
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    gated, bias = seed % 2 == 0, seed % 3 == 0
+    d, n_experts, size = pick([8, 33, 64]), pick([1, 3, 8, 16]), pick([1, 2, 4, 7])
+    act = ACTS[pick([k for k in ACTS if "mish" not in k])]
+    moe = MoEFFN(d, n_experts, size, act, gated=gated, bias_in=bias, bias_out=bias)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2, generator=g)
+    x = torch.randn(pick([1, 2, 3, 4]), d, generator=g)
+    kind = pick(["activation", "magnitude", "gate"] if gated else ["activation", "magnitude"])
+    # gate scores read the whole input (input thresholds are TEAL-style's)
+    t_in = pick([0.0, float(x.abs().quantile(0.4))]) if kind != "gate" else 0.0
+    t_unit = pick([0.0, 0.05, 0.3, 10.0])  # 10: only each token's best expert runs
+    moe.policy = RoutingPolicy(
+        "threshold", per_layer={0: t_unit}, scores=kind, input_thresholds={0: t_in}
+    )
+    return moe, x
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_threshold_kernel_equals_masked_on_random_shapes(seed, monkeypatch):
+    """TEAL-style, CATS-style and exact-magnitude thresholds run by the threshold kernel equal
+    the masked reference, and record the same statistics."""
+    from d2d.nn.moe import LayerStats
+
+    moe, x = _threshold_layer(seed)
+    taken = []
+    orig = kernels.threshold_ffn
+    monkeypatch.setattr(kernels, "threshold_ffn", lambda *a: taken.append(1) or orig(*a))
+    results = {}
+    for mode in ("masked", "sparse"):
+        moe.execution, moe.stats = mode, LayerStats()
+        with torch.no_grad():
+            y = moe(x)
+        results[mode] = (y, moe.stats)
+    assert taken == [1]  # the sparse run took the kernel, the masked one did not
+    (want, s_want), (got, s_got) = results["masked"], results["sparse"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert s_got.executed == s_want.executed and torch.equal(s_got.usage, s_want.usage)
+    assert s_got.input_kept == pytest.approx(s_want.input_kept)
+
+
+def test_threshold_kernel_only_for_a_few_tokens_past_the_sink():
+    moe, x = _threshold_layer(0)
+    with torch.no_grad():
+        assert moe._threshold_ok(x)
+        many = torch.randn(moe.THRESHOLD_MAX_TOKENS + 1, moe.d_model)
+        assert not moe._threshold_ok(many)  # a prompt: dense products are faster
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not moe._threshold_ok(x)
+    assert not moe._threshold_ok(x.requires_grad_())
+
+
+def test_threshold_kernel_follows_weight_changes():
+    """The transposed copies it reads are rebuilt when training changes the weights."""
+    moe, x = _threshold_layer(2)
+    moe.policy = type(moe.policy)(
+        "threshold", per_layer={0: 0.05}, scores="activation", input_thresholds={0: 0.3}
+    )
+    with torch.no_grad():
+        before = moe(x)
+        moe.w_in.mul_(2.0)
+        after = moe(x)
+        moe.execution = "masked"
+        want = moe(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scores", ["activation", "gate"])
+def test_generate_with_threshold_kernel_equals_masked(scores):
+    """Decoding under TEAL-style / CATS-style thresholds (one token per step: the kernel) makes
+    the same tokens as the masked reference, with a dense sink and padding."""
+    m = tiny("gated", seed=3)
+    convert(m, ConvertConfig(expert_size=1))
+    layers = moe_layers(m)
+    pol = {"rule": "threshold", "scores": scores, "dense_positions": 1}
+    pol["thresholds"] = {str(i): 0.02 for i in layers}
+    if scores == "activation":
+        pol["input_thresholds"] = {str(i): 0.5 for i in layers}
+    prompt = torch.tensor([[0, 0, 5, 9, 17], [3, 4, 5, 6, 7]])
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": am}
+    calls = []
+    orig = kernels.threshold_ffn
+
+    def counted(*a):
+        calls.append(1)
+        return orig(*a)
+
+    kernels.threshold_ffn = counted
+    try:
+        with routing(m, pol):
+            with execution(m, "masked"):
+                want = m.generate(prompt, **kw)
+            got = m.generate(prompt, **kw)
+    finally:
+        kernels.threshold_ffn = orig
+    assert calls, "the threshold kernel was not used"
+    assert torch.equal(got, want)

@@ -155,3 +155,52 @@ def test_lora_adapters_train_and_merge_into_the_routed_blocks_only(model_dirs, t
     assert all(k.endswith("proj.weight") for k in moved)
     with pytest.raises(D2DError, match="add --freeze-base"):
         ModConfig(lora_rank=4)
+
+
+@pytest.mark.parametrize("skip", ["block", "attention", "mlp"])
+def test_block_sensitivity_by_construction(skip):
+    """A block whose skipped part adds nothing costs nothing to skip; at capacity 1.0 no block
+    costs anything; a block that does work costs something at capacity 0.25."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from d2d.measure.sensitivity import depth_sensitivity
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    m = LlamaForCausalLM(cfg).eval()
+    layers = m.model.layers
+    with torch.no_grad():
+        if skip in ("block", "attention"):
+            layers[1].self_attn.o_proj.weight.zero_()
+        if skip in ("block", "mlp"):
+            layers[1].mlp.down_proj.weight.zero_()
+    batches = [
+        {"input_ids": torch.randint(1, 96, (4, 16), generator=torch.Generator().manual_seed(0))}
+    ]
+    cands = list(range(1, len(layers)))
+    low = depth_sensitivity(m, batches, cands, 0.25, skip, 1)
+    full = depth_sensitivity(m, batches, cands, 1.0, skip, 1)
+    assert low[1] == pytest.approx(0.0, abs=1e-6)
+    assert all(v == pytest.approx(0.0, abs=1e-6) for v in full.values())
+    assert all(abs(low[i]) > 1e-5 for i in cands if i != 1)
+
+
+def test_layers_auto_routes_the_least_sensitive_blocks(model_dirs, tmp_path):
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "auto", "--every", "2"]
+    args += ["--sensitivity-tokens", "256", *FAST, "--steps", "4"]
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "d2d.json").read_text())["stages"][-1]["metrics"]
+    sens = {int(k): v for k, v in m["block_sensitivity"].items()}
+    n_blocks = len(sens) + 1  # every block but block 0 is a candidate
+    k = len([i for i in range(n_blocks) if i % 2 == 1])
+    assert m["routed_layers"] == sorted(sorted(sens, key=sens.get)[:k])
+    assert list(mod_blocks(d2d.load(out))) == m["routed_layers"]

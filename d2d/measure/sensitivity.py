@@ -279,3 +279,85 @@ def cats_thresholds(sens, keep: float) -> dict[int, float]:
         ga = m.block_norm(m.act(torch.nn.functional.linear(s.x, m.w_gate, m.b_gate)).float())
         out[i] = quantile(ga[s.free], 1 - keep) if keep < 1 else 0.0
     return out
+
+
+# --- Mixture-of-Depths: which blocks to route --------------------------------------------
+
+
+def _keep_top(update: torch.Tensor, capacity: float, positions, sink: int) -> torch.Tensor:
+    """[B, T, 1] 1 for the tokens of each sequence whose update has the largest norm (a share
+    `capacity` of them, at least one) and for the sink positions, else 0."""
+    norms = update.float().norm(dim=-1)  # [B, T]
+    k = max(1, round(capacity * norms.shape[1]))
+    keep = torch.zeros_like(norms, dtype=torch.bool)
+    keep.scatter_(1, norms.topk(k, dim=1).indices, True)
+    if sink and positions is not None:
+        keep |= positions < sink
+    return keep[..., None].to(update.dtype)
+
+
+@torch.no_grad()
+def depth_sensitivity(
+    model,
+    batches: list[dict],
+    layers: list[int],
+    capacity: float,
+    skip: str,
+    sink: int,
+    progress=None,
+) -> dict[int, float]:
+    """Per candidate block: how much the held-in next-token loss rises when that block alone
+    skips, for all but a share `capacity` of each sequence's tokens, what `skip` names (the
+    whole block, its attention or its MLP). The tokens kept are those whose update is largest
+    (the choice a router can at best learn), so the figure is the block's cost of skipping, not
+    a router's. Attention-skipped tokens stay visible to later ones here (an upper bound on what
+    the block keeps). Returns {block: loss increase in nats}."""
+    from d2d import arch
+    from d2d.train import next_token_loss
+
+    blocks = arch.blocks(model, arch.detect(model))
+
+    def loss() -> float:
+        total, n = 0.0, 0
+        for b in batches:
+            ids = b["input_ids"]
+            total += float(next_token_loss(model(**b).logits, ids)) * ids.numel()
+            n += ids.numel()
+        return total / max(1, n)
+
+    positions = {}
+
+    def record(module, args, kwargs):  # the block's position ids, for the sink
+        positions["p"] = kwargs.get("position_ids")
+
+    def on_update(module, args, out):  # attention / MLP: keep the largest updates only
+        y = out[0] if isinstance(out, tuple) else out
+        y = y * _keep_top(y, capacity, positions.get("p"), sink)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def on_block(module, args, kwargs, out):  # the whole block: the same on its residual update
+        x = args[0] if args else kwargs["hidden_states"]
+        y = out[0] if isinstance(out, tuple) else out
+        y = x + (y - x) * _keep_top(y - x, capacity, kwargs.get("position_ids"), sink)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    base = loss()
+    out = {}
+    for i in layers:
+        blk = blocks[i]
+        if skip == "block":
+            hooks = [blk.register_forward_hook(on_block, with_kwargs=True)]
+        else:
+            sub = blk.self_attn if skip == "attention" else blk.mlp
+            hooks = [
+                blk.register_forward_pre_hook(record, with_kwargs=True),
+                sub.register_forward_hook(on_update),
+            ]
+        try:
+            out[i] = loss() - base
+        finally:
+            for h in hooks:
+                h.remove()
+        if progress is not None:
+            progress("block sensitivity", len(out), len(layers), block=i)
+    return out

@@ -224,8 +224,164 @@ Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor
   return y;
 }
 
+// Thresholds on exact values, one token at a time (TEAL-style and CATS-style decoding).
+// Per token: the input entries with |x| >= t_in are kept; the scores of the experts are
+//   kind 0: || h ||, kind 1: || h x nw || (nw: each neuron's down-row norm), both from h computed
+//   in full on the kept input; kind 2: || act(gate) ||, the gate computed in full (CATS-style);
+// an expert runs iff its score >= t_h or it has the token's largest score; only the running
+// experts' down-projection rows are read (kind 2: and their up-projection rows).
+// With transposed copies wt_in/wt_gate [d, f] (kinds 0 and 1), gate and up read only the rows of
+// the kept input entries (contiguous f-long rows); without them, row dot products on the
+// input with the dropped entries zeroed. Experts are split between threads for gate/up, output
+// columns for down (no reduction). Fills mask [N, E] and kept [N] (the share of input kept).
+Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, const Tensor& w_in,
+                     const Tensor& b_in, const Tensor& w_gate, const Tensor& b_gate,
+                     const Tensor& wt_in, const Tensor& wt_gate, const Tensor& w_out,
+                     const Tensor& b_out, const Tensor& nw, int64_t s, int64_t act, Tensor& mask,
+                     Tensor& kept) {
+  const int64_t N = x.size(0), d = x.size(1), f = w_out.size(0), E = f / s;
+  const bool gated = w_gate.numel() > 0, transposed = wt_in.numel() > 0 && t_in > 0 && kind != 2;
+  const float* X = x.data_ptr<float>();
+  const float* Wi = w_in.data_ptr<float>();
+  const float* Wg = gated ? w_gate.data_ptr<float>() : nullptr;
+  const float* Ti = transposed ? wt_in.data_ptr<float>() : nullptr;
+  const float* Tg = transposed && gated ? wt_gate.data_ptr<float>() : nullptr;
+  const float* Wo = w_out.data_ptr<float>();
+  const float* BI = b_in.numel() ? b_in.data_ptr<float>() : nullptr;
+  const float* BG = b_gate.numel() ? b_gate.data_ptr<float>() : nullptr;
+  const float* BO = b_out.numel() ? b_out.data_ptr<float>() : nullptr;
+  const float* NW = nw.numel() ? nw.data_ptr<float>() : nullptr;
+  bool* M = mask.data_ptr<bool>();
+  float* K = kept.data_ptr<float>();
+  Tensor y = torch::empty({N, d}, x.options());
+  float* Y = y.data_ptr<float>();
+  std::vector<float> h(f), a(gated ? f : 0), score(E), xk(d);
+  std::vector<int64_t> idx(d);
+  int64_t n_idx = 0;
+#ifdef _OPENMP
+  const int nt = std::max(1, std::min<int>(omp_get_max_threads(), (int)E));
+#else
+  const int nt = 1;
+#endif
+  std::vector<float> tmax(nt);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    const int64_t e0 = E * tid / nt, e1 = E * (tid + 1) / nt;  // this thread's experts
+    const int64_t j0 = e0 * s, j1 = e1 * s;
+    const int64_t c0 = d * tid / nt, c1 = d * (tid + 1) / nt;  // and output columns
+    std::vector<int64_t> sel;
+    for (int64_t t = 0; t < N; ++t) {
+      const float* xt = X + t * d;
+#pragma omp single
+      {  // the kept input entries, and the input with the others zeroed
+        n_idx = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          const bool k = !(t_in > 0) || std::fabs(xt[c]) >= t_in;
+          xk[c] = k ? xt[c] : 0.f;
+          if (k) idx[n_idx++] = c;
+        }
+        K[t] = (float)n_idx / (float)d;
+      }  // implicit barrier
+      // 1. pre-activations of this thread's experts (kind 2: the gate only) and their scores
+      if (transposed) {
+        for (int64_t j = j0; j < j1; ++j) h[j] = BI ? BI[j] : 0.f;
+        if (gated)
+          for (int64_t j = j0; j < j1; ++j) a[j] = BG ? BG[j] : 0.f;
+        for (int64_t q = 0; q < n_idx; ++q) {
+          const int64_t c = idx[q];
+          const float v = xt[c];
+          const float* ri = Ti + c * f;
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) h[j] += v * ri[j];
+          if (gated) {
+            const float* rg = Tg + c * f;
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) a[j] += v * rg[j];
+          }
+        }
+        for (int64_t j = j0; j < j1; ++j)
+          h[j] = gated ? activate(a[j], act) * h[j] : activate(h[j], act);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) {
+          if (gated) {
+            const float* rg = Wg + j * d;
+            float g = 0.f;
+#pragma omp simd reduction(+ : g)
+            for (int64_t c = 0; c < d; ++c) g += rg[c] * xk[c];
+            a[j] = activate(g + (BG ? BG[j] : 0.f), act);
+            if (kind == 2) continue;  // up only for the experts that run
+          }
+          const float* ri = Wi + j * d;
+          float u = 0.f;
+#pragma omp simd reduction(+ : u)
+          for (int64_t c = 0; c < d; ++c) u += ri[c] * xk[c];
+          u += BI ? BI[j] : 0.f;
+          h[j] = gated ? a[j] * u : activate(u, act);
+        }
+      }
+      float mx = 0.f;
+      for (int64_t e = e0; e < e1; ++e) {
+        float q = 0.f;
+        for (int64_t j = e * s; j < (e + 1) * s; ++j) {
+          const float v = kind == 2 ? a[j] : (kind == 1 ? h[j] * NW[j] : h[j]);
+          q += v * v;
+        }
+        score[e] = std::sqrt(q);
+        mx = std::max(mx, score[e]);
+      }
+      tmax[tid] = mx;
+#pragma omp barrier
+      // 2. which experts run (and, kind 2, their up projection)
+      float top = tmax[0];
+      for (int i = 1; i < nt; ++i) top = std::max(top, tmax[i]);
+      bool* Mt = M + t * E;
+      for (int64_t e = e0; e < e1; ++e) {
+        Mt[e] = !(t_h > 0) || score[e] >= t_h || score[e] >= top;
+        if (kind == 2 && Mt[e])
+          for (int64_t j = e * s; j < (e + 1) * s; ++j) {
+            const float* ri = Wi + j * d;
+            float u = 0.f;
+#pragma omp simd reduction(+ : u)
+            for (int64_t c = 0; c < d; ++c) u += ri[c] * xk[c];
+            h[j] = a[j] * (u + (BI ? BI[j] : 0.f));
+          }
+      }
+#pragma omp barrier
+      // 3. down projection of the running experts, this thread's output columns
+      sel.clear();
+      for (int64_t e = 0; e < E; ++e)
+        if (Mt[e])
+          for (int64_t j = e * s; j < (e + 1) * s; ++j) sel.push_back(j);
+      float* yr = Y + t * d;
+      for (int64_t c = c0; c < c1; ++c) yr[c] = BO ? BO[c] : 0.f;
+      size_t q = 0;
+      for (; q + 4 <= sel.size(); q += 4) {
+        const int64_t i0 = sel[q], i1 = sel[q + 1], i2 = sel[q + 2], i3 = sel[q + 3];
+        const float h0 = h[i0], h1 = h[i1], h2 = h[i2], h3 = h[i3];
+        const float *w0 = Wo + i0 * d, *w1 = Wo + i1 * d, *w2 = Wo + i2 * d, *w3 = Wo + i3 * d;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) yr[c] += h0 * w0[c] + h1 * w1[c] + h2 * w2[c] + h3 * w3[c];
+      }
+      for (; q < sel.size(); ++q) {
+        const float hv = h[sel[q]];
+        const float* w = Wo + sel[q] * d;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) yr[c] += hv * w[c];
+      }
+#pragma omp barrier
+    }
+  }
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn);
+  m.def("threshold_ffn", &threshold_ffn);
   m.def("route", &route);
   m.def("pairs_in", &pairs_in);
   m.def("pairs_out", &pairs_out);

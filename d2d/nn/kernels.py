@@ -144,6 +144,46 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 _EMPTY = torch.empty(0)
 
+# what each kind of exact score is called by threshold_ffn
+SCORE_CODES = {"activation": 0, "magnitude": 1, "gate": 2}
+
+
+def threshold_ffn(moe, x: torch.Tensor, t_in: float, t_unit: float, transposed):
+    """The FFN of a few tokens under thresholds on exact values (TEAL-style: |x| >= t_in before
+    gate and up, expert scores from h; CATS-style: scores from act(gate)), one kernel call.
+    `transposed`: (w_in, w_gate) as [d, f] copies, so that gate and up read only the rows of
+    the kept input entries, or None. Returns (y [N, d], mask [N, E], kept share [N])."""
+    n = x.shape[0]
+    mask = torch.empty(n, moe.n_experts, dtype=torch.bool)
+    kept = torch.empty(n)
+    wt_in, wt_gate = transposed if transposed is not None else (_EMPTY, _EMPTY)
+    kind = moe.policy.scores
+    nw = (
+        moe._cached("neuron weights", moe.neuron_weights, moe.w_out)
+        if kind == "magnitude"
+        else _EMPTY
+    )
+    y = load().threshold_ffn(
+        x.contiguous(),
+        float(t_in),
+        float(t_unit),
+        SCORE_CODES[kind],
+        moe.w_in,
+        _EMPTY if moe.b_in is None else moe.b_in,
+        moe.w_gate if moe.gated else _EMPTY,
+        _EMPTY if moe.b_gate is None else moe.b_gate,
+        wt_in,
+        wt_gate,
+        moe.w_out,
+        _EMPTY if moe.b_out is None else moe.b_out,
+        nw,
+        moe.expert_size,
+        act_code(moe.act),
+        mask,
+        kept,
+    )
+    return y, mask, kept
+
 
 def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The same computation in plain PyTorch, on any device (the GPU path): tokens sorted by

@@ -104,6 +104,9 @@ class MoEFFN(nn.Module):
         # "sparse": run only the selected experts (d2d/nn/kernels.py) where it applies;
         # "masked": compute every expert and zero the unselected ones (the reference)
         self.execution = "sparse"
+        # derived copies of the weights the threshold kernel reads, keyed by the weights'
+        # versions (rebuilt after training changes them; not saved)
+        self._derived: dict[str, tuple[tuple, object]] = {}
 
     @property
     def gated(self) -> bool:
@@ -133,6 +136,14 @@ class MoEFFN(nn.Module):
     def neuron_weights(self) -> torch.Tensor:
         """[f] the norm of each neuron's down-projection row: a neuron's output is |h| x it."""
         return self.w_out.norm(dim=-1)
+
+    def _cached(self, name: str, make, *weights: torch.Tensor | None):
+        key = tuple((w.data_ptr(), w._version) for w in weights if w is not None)
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = self._derived[name] = (key, make())
+        return hit[1]
 
     def block_norm(self, v: torch.Tensor) -> torch.Tensor:
         """[N, E] the L2 norm over each expert's neurons of per-neuron values [N, f]."""
@@ -237,11 +248,56 @@ class MoEFFN(nn.Module):
             return None
         return (kernels.sparse_ffn if cpu else kernels.grouped_ffn)(self, x2, mask)
 
+    # the threshold kernel reads the weights once per token: above this many tokens in one call
+    # the dense products are faster (d2d bench, docs/results.md)
+    THRESHOLD_MAX_TOKENS = 4
+
+    def _threshold_ok(self, x2: torch.Tensor, t_in: float = 0.0) -> bool:
+        """Whether this call runs the threshold kernel: a few tokens under a threshold on exact
+        values (TEAL-style, CATS-style, exact magnitude), inference, fp32 on the CPU. (Gate
+        scores read the whole input: the kernel does not combine them with input thresholds.)"""
+        p = self.policy
+        return (
+            p.rule == "threshold"
+            and p.scores in kernels.SCORE_CODES
+            and (p.scores != "gate" or (self.gated and t_in == 0))
+            and self.execution == "sparse"
+            and self.capture is None
+            and 0 < x2.shape[0] <= self.THRESHOLD_MAX_TOKENS
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x2.device.type)
+            and kernels.applies(x2, self.w_in, self.w_out)
+            and kernels.act_code(self.act) >= 0
+            and kernels.load() is not None
+            and not self._sink_rows(x2.shape[0]).any()
+        )
+
+    def _threshold_run(self, x2: torch.Tensor, t_in: float) -> torch.Tensor:
+        t_unit = self.policy.value_at(self.index) if self.routes() else 0.0
+        transposed = None
+        if t_in > 0 and self.policy.scores != "gate":
+            # [d, f] copies of gate and up: an input entry's weights are one contiguous row
+            transposed = self._cached(
+                "transposed",
+                lambda: (
+                    self.w_in.t().contiguous(),
+                    self.w_gate.t().contiguous() if self.gated else torch.empty(0),
+                ),
+                self.w_in,
+                self.w_gate,
+            )
+        y, mask, kept = kernels.threshold_ffn(self, x2, t_in, t_unit, transposed)
+        if self.stats is not None:
+            self._record(mask, x2.shape[0], kept)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # TEAL-style input sparsity: gate and up read only the entries above the threshold
         t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
+        if self._threshold_ok(x2, t_in):
+            return self._threshold_run(x2, t_in).view(*shape[:-1], self.d_model)
         kept = (x2.abs() >= t_in) if t_in > 0 else None
         if kept is not None:  # the dense sink reads its whole input too
             kept |= self._sink_rows(x2.shape[0])[:, None]
@@ -253,7 +309,7 @@ class MoEFFN(nn.Module):
             self.capture(x2, h)
         mask = self.select(x2, h)
         if self.stats is not None:
-            self._record(mask, x2.shape[0], kept)
+            self._record(mask, x2.shape[0], None if kept is None else kept.float().mean(-1))
         if sparse:
             y = self._run_sparse(x2, mask)
             if y is not None:
@@ -266,11 +322,12 @@ class MoEFFN(nn.Module):
         return y.view(*shape[:-1], self.d_model)
 
     def _record(self, mask: torch.Tensor | None, n: int, kept: torch.Tensor | None) -> None:
+        """Add one call to the statistics; `kept`: [n] the share of each token's input kept."""
         st, E = self.stats, self.n_experts
         if mask is None:
             mask = torch.ones(n, E, dtype=torch.bool)
         mask = mask.cpu()
-        kept_share = torch.ones(n) if kept is None else kept.float().mean(-1).cpu()
+        kept_share = torch.ones(n) if kept is None else kept.float().cpu()
         tm = self.context.token_mask
         if tm is not None and tm.numel() == n:
             real = tm.reshape(-1).cpu().bool()

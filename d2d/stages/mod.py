@@ -27,7 +27,15 @@ class ModConfig(DistillFields):
         default=2, metadata={"help": "Route every N-th block (the 2nd, 4th, ... for 2)."}
     )
     layers: str = field(
-        default="", metadata={"help": "Blocks to route instead, e.g. '1,3,5' (not block 0)."}
+        default="",
+        metadata={
+            "help": "Blocks to route instead, e.g. '1,3,5' (not block 0), or auto: as many as "
+            "--every gives, the blocks whose skipping costs least on calibration text."
+        },
+    )
+    sensitivity_tokens: int = field(
+        default=4096,
+        metadata={"help": "Calibration tokens for --layers auto (one forward per block)."},
     )
     skip: str = field(
         default="block",
@@ -90,6 +98,7 @@ class ModConfig(DistillFields):
             raise D2DError(f"capacity must be in (0, 1], got {self.capacity}")
         at_least(self, 1, "every")
         at_least(self, 0, "sink", "aux_weight", "lora_rank")
+        at_least(self, 1, "sensitivity_tokens")
         if self.lora_rank and not self.freeze_base:
             raise D2DError("--lora-rank trains adapters on a frozen base: add --freeze-base")
         if not 0.0 <= self.anneal <= 1.0:
@@ -195,7 +204,13 @@ def run(art, cfg: ModConfig, progress, out=None):
     if mod_blocks(model):
         raise D2DError("this model already has Mixture-of-Depths routers")
     n_layers = len(arch.blocks(model, arch.detect(model)))
-    layers = routed_layers(n_layers, cfg.every, cfg.layers or None)
+    sensitivity = None
+    if cfg.layers.strip().lower() == "auto":
+        sensitivity = block_sensitivity(art, cfg, n_layers, progress)
+        k = len(routed_layers(n_layers, cfg.every, None))
+        layers = sorted(sorted(sensitivity, key=sensitivity.get)[:k])
+    else:
+        layers = routed_layers(n_layers, cfg.every, cfg.layers or None)
     if not layers:
         raise D2DError("no block to route: use --every or --layers to pick some")
     ev = Evaluator.of(model, art.tokenizer, cfg, "heldout", cfg.eval_tokens)
@@ -269,8 +284,31 @@ def run(art, cfg: ModConfig, progress, out=None):
         "resumed_from": result.resumed_from,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
         "thresholds": thresholds,
+        "block_sensitivity": sensitivity,
     }
     return metrics, structure
+
+
+def block_sensitivity(art, cfg: ModConfig, n_layers: int, progress) -> dict[int, float]:
+    """Each block's cost of skipping at the target capacity, measured on calibration text
+    (d2d.measure.sensitivity.depth_sensitivity): what `--layers auto` ranks blocks by."""
+    from d2d.measure.evaluate import batches_for
+    from d2d.measure.sensitivity import depth_sensitivity
+
+    if n_layers < 2:
+        raise D2DError("--layers auto needs a model of at least two blocks (block 0 stays dense)")
+    calib = batches_for(
+        art.model,
+        art.tokenizer,
+        cfg.data,
+        "calib",
+        cfg.seq_len,
+        cfg.sensitivity_tokens,
+        cfg.seed,
+        cfg.doc_split,
+    )
+    blocks = list(range(1, n_layers))
+    return depth_sensitivity(art.model, calib, blocks, cfg.capacity, cfg.skip, cfg.sink, progress)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -361,7 +399,18 @@ def view(record: dict) -> list:
             pct(r["model_fraction"]) if "model_fraction" in r else "",
             "" if acc is None else pct(acc),
         )
-    return [t]
+    sens = m.get("block_sensitivity")
+    if not sens:
+        return [t]
+    routed = set(m["routed_layers"])
+    s = Table(
+        f"--layers auto: each block's cost of skipping at capacity {m['capacity']:g} "
+        "(calibration text, the largest updates kept)",
+        ["block", "loss increase (nats)", "routed"],
+    )
+    for i, v in sorted(sens.items(), key=lambda kv: int(kv[0])):
+        s.add(str(i), f"{v:+.4f}", "yes" if int(i) in routed else "")
+    return [t, s]
 
 
 def about(meta: dict) -> dict | None:
