@@ -281,3 +281,24 @@ def test_generate_with_threshold_kernel_equals_masked(scores):
         kernels.threshold_ffn = orig
     assert calls, "the threshold kernel was not used"
     assert torch.equal(got, want)
+
+
+def test_bench_memory_counts_the_transposed_copies():
+    from types import SimpleNamespace
+
+    from d2d.measure.timing import memory
+
+    m = tiny("gated", seed=3)
+    convert(m, ConvertConfig(expert_size=1))
+    art = SimpleNamespace(model=m, path=None)
+    before = memory(art)
+    layers = moe_layers(m)
+    pol = {"rule": "threshold", "scores": "activation", "dense_positions": 0}
+    pol["thresholds"] = {str(i): 0.02 for i in layers}
+    pol["input_thresholds"] = {str(i): 0.5 for i in layers}
+    with routing(m, pol), torch.no_grad():
+        m(input_ids=torch.tensor([[5]]))
+    after = memory(art)
+    copies = sum(2 * moe.w_in.numel() * 4 for moe in layers.values())  # gate and up, fp32
+    assert after["tensor_bytes"] - before["tensor_bytes"] == copies
+    assert after["dense_tensor_bytes"] == before["dense_tensor_bytes"]

@@ -280,13 +280,21 @@ def decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None)
 
 def memory(art) -> dict:
     """Tensor bytes of the converted model against the dense model's (routers, MoD predictors
-    and the neuron permutation are what conversion adds)."""
+    and the neuron permutation are what conversion adds; after a run under exact-value
+    thresholds, also the threshold kernel's [d, f] copies of gate and up)."""
+    from d2d.nn.structure import moe_layers
+
     total = added = 0
     for name, t in list(art.model.named_parameters()) + list(art.model.named_buffers()):
         b = t.numel() * t.element_size()
         total += b
         if ".router." in name or ".predictor." in name or name.endswith(".perm"):
             added += b
+    for m in moe_layers(art.model).values():
+        for _, derived in m._derived.values():
+            for t in derived if isinstance(derived, tuple) else (derived,):
+                total += t.numel() * t.element_size()
+                added += t.numel() * t.element_size()
     path = art.path / "model.safetensors" if art.path else None
     disk = path.stat().st_size if path and path.exists() else None
     return {
