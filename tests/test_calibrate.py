@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from tiny import tiny
 
 from d2d.errors import D2DError
 from d2d.measure.sensitivity import allocate
@@ -55,3 +56,25 @@ def test_choose_by_target_and_by_drop():
     assert choose(rows, CalibrateConfig()) == 1  # default: 2%
     with pytest.raises(D2DError, match="reaches"):
         choose(rows, CalibrateConfig(target_flops=0.3))
+
+
+def test_batches_shrink_with_a_large_vocabulary():
+    """Logits (and calibration's softmax and gradient of them) grow with the vocabulary: a
+    262k-token vocabulary evaluates 512 tokens a batch, SmolLM2's 49k the usual 2,048."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from d2d.measure.evaluate import LOGIT_ENTRIES, TOKENS_PER_BATCH, tokens_per_batch
+
+    def lm(vocab):
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+        return LlamaForCausalLM(cfg)
+
+    assert tokens_per_batch(lm(262_144)) == LOGIT_ENTRIES // 262_144 == 512
+    assert tokens_per_batch(lm(49_152)) == TOKENS_PER_BATCH == 2048
+    assert tokens_per_batch(tiny("bert-cls")) == TOKENS_PER_BATCH

@@ -26,6 +26,19 @@ from d2d.progress import Progress, null_progress
 METRIC = {"causal-lm": "perplexity", "classification": "accuracy", "encoder": "cosine"}
 HIGHER_IS_BETTER = {"perplexity": False, "accuracy": True, "cosine": True}
 TOKENS_PER_BATCH = 2048
+# a causal LM's logits (and, in calibration, their softmax and gradient) grow with the
+# vocabulary: batches hold at most this many logit entries (512 MB in fp32), so that a model
+# with a 262k-token vocabulary evaluates and calibrates 512 tokens at a time, not 2,048
+LOGIT_ENTRIES = 2**27
+
+
+def tokens_per_batch(model) -> int:
+    """Tokens per evaluation batch: TOKENS_PER_BATCH, fewer for a causal LM whose vocabulary
+    would make the logits of that many tokens larger than LOGIT_ENTRIES."""
+    if task_of(model) != "causal-lm":
+        return TOKENS_PER_BATCH
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    return max(1, min(TOKENS_PER_BATCH, LOGIT_ENTRIES // max(1, vocab)))
 
 
 def batches_for(
@@ -42,7 +55,7 @@ def batches_for(
     task = task_of(model)
     corpus = load_corpus(data, doc_split).split(split, seed)
     n_seq = max(1, math.ceil(tokens / seq_len))
-    bs = max(1, TOKENS_PER_BATCH // seq_len)
+    bs = max(1, tokens_per_batch(model) // seq_len)
     if task == "causal-lm":
         ids = lm_windows(tokenizer, corpus, seq_len, n_seq)
         return [{"input_ids": ids[i : i + bs]} for i in range(0, len(ids), bs)]

@@ -26,10 +26,14 @@ class Sensitivity:
         self.scores = scores  # "router" or "oracle": what the tables rank experts by
 
     @torch.no_grad()
-    def table(self, rule: str) -> dict[int, tuple[np.ndarray, np.ndarray, list[float]]]:
+    def table(
+        self, rule: str, progress=None
+    ) -> dict[int, tuple[np.ndarray, np.ndarray, list[float]]]:
         """Per layer: (fraction of experts run, estimated cost, rule parameter) over a grid."""
         out = {}
-        for i, m in self.moes.items():
+        for j, (i, m) in enumerate(self.moes.items()):
+            if progress is not None:
+                progress(f"{rule} cost table, layer", j, len(self.moes))
             x, pos, tm = self.caps[i]
             g = self.grads[i]
             h = m.hidden(x)
@@ -59,9 +63,10 @@ class Sensitivity:
 
 
 def layer_sensitivity(
-    model, ev, dense_sink: int, tokens: int, seed: int = 0, scores: str = "router"
+    model, ev, dense_sink: int, tokens: int, seed: int = 0, scores: str = "router", progress=None
 ) -> Sensitivity:
-    """One forward/backward pass capturing each MoE layer's input and output gradient."""
+    """One forward/backward pass capturing each MoE layer's input and output gradient
+    (`progress(task, done, total)` after each batch)."""
     moes = moe_layers(model)
     gen = torch.Generator().manual_seed(seed)
     caps: dict[int, list] = {i: [] for i in moes}
@@ -87,11 +92,19 @@ def layer_sensitivity(
         hooks.append(m.register_forward_hook(lambda mod, a, y, i=i: outs[i].append(y)))
     grads: dict[int, list] = {i: [] for i in moes}
     used = 0
+    n_batches, seen = 0, 0
+    for b in ev.batches:  # how many batches the token budget takes, for progress
+        if seen >= tokens:
+            break
+        seen += int(b["input_ids"].numel())
+        n_batches += 1
     try:
         with routing(model, ALL):
-            for b in ev.batches:
+            for j, b in enumerate(ev.batches):
                 if used >= tokens:
                     break
+                if progress is not None:
+                    progress("sensitivity (forward and backward)", j, n_batches)
                 used += int(b["input_ids"].numel())
                 kw = {k: v for k, v in b.items() if not k.endswith("_")}
                 with torch.enable_grad():
@@ -210,13 +223,17 @@ def _sample(sens, i) -> LayerSample:
 
 
 @torch.no_grad()
-def magnitude_table(sens) -> dict[int, tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]]:
+def magnitude_table(
+    sens, progress=None
+) -> dict[int, tuple[np.ndarray, np.ndarray, list[tuple[float, float]]]]:
     """Per layer, for the exact-magnitude rule (scores "magnitude" with input thresholds):
     (FFN FLOPs fraction, estimated cost, (input threshold, unit threshold)) over the grid of
     INPUT_KEEP x UNIT_KEEP. Each neuron's effect on the loss direction g is h_j (W_down^T g)_j,
     so the cost of every grid point needs only element-wise work."""
     out = {}
-    for i, m in sens.moes.items():
+    for j, (i, m) in enumerate(sens.moes.items()):
+        if progress is not None:
+            progress("magnitude cost table, layer", j, len(sens.moes))
         s = _sample(sens, i)
         gw = s.g @ m.w_out.float().t()  # [N, f]
         h = m.hidden(s.x)

@@ -183,7 +183,9 @@ def sweep(
         progress("global tau sweep", j + 1, len(taus), tau=tau)
     if cfg.per_layer or cfg.peers:
         sens_ev = sensitivity_ev or ev
-        sens = layer_sensitivity(model, sens_ev, sink, cfg.sensitivity_tokens, cfg.seed, scores)
+        sens = layer_sensitivity(
+            model, sens_ev, sink, cfg.sensitivity_tokens, cfg.seed, scores, progress
+        )
         budgets = set(parse_budgets(cfg.budgets))
         if cfg.target_flops:
             budgets.add(cfg.target_flops)
@@ -191,7 +193,7 @@ def sweep(
         for rule in rules if cfg.per_layer else []:
             if rule in FREE_RULES:
                 continue
-            table = sens.table(rule)
+            table = sens.table(rule, progress)
             for j, b in enumerate(budgets):
                 add(f"per-layer-{rule}", layer_policy(rule, allocate(table, b), sink, **extra), b)
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
@@ -205,7 +207,7 @@ def free_rows(model, sens, budgets, sink: int, magnitude: bool, peers: bool, add
     and the peers; `add(rule, policy, budget)` measures and records one."""
     from d2d.measure.sensitivity import allocate, magnitude_table
 
-    table = magnitude_table(sens) if magnitude else None
+    table = magnitude_table(sens, progress) if magnitude else None
     for j, b in enumerate(budgets):
         if table is not None:
             add("per-layer-magnitude", magnitude_policy(allocate(table, b), sink), b)
