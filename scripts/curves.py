@@ -4,7 +4,7 @@ Every routing policy in each artifact's calibration table (or only the rules giv
 is re-measured on the held-out split, with the artifact's own dense model (every expert) as the
 first point. Plain models (e.g. the original checkpoint) can be added as dense reference lines.
 
-    python scripts/curves.py --artifact sparsified=runs/smollm2-d2dmoe/3-calibrate \\
+    python scripts/curves.py --artifact sparsified=runs/smollm2-routers/3-calibrate \\
         --artifact baseline=runs/smollm2-ft0/3-calibrate --dense original=smollm2-135m \\
         --json docs/curves.json --png docs/curves.png --at 0.5
 

@@ -1,6 +1,6 @@
 """Where a decoding step's time goes: FFNs (and their routers), attention, the LM head, the rest.
 
-    python scripts/profile_decode.py runs/smollm2-d2dmoe/3-calibrate [--batch 1] [--steps 32]
+    python scripts/profile_decode.py runs/smollm2-routers/3-calibrate [--batch 1] [--steps 32]
 
 Runs greedy decoding with the KV cache, dense (every expert) and converted (the chosen
 routing, sparse execution) in turn, and times each module family with forward hooks (the hooks
