@@ -333,3 +333,29 @@ def test_mlp_skip_compacts_rows_and_equals_the_padded_path():
     for b in routed.values():
         b.compact = False
     torch.testing.assert_close(logits(m, input_ids=ids), compact)
+
+
+@pytest.mark.parametrize("skip", ["block", "attention"])
+def test_batch_decoding_runs_only_the_rows_that_take_the_token(skip):
+    """Rows of a batch that decide differently at a decoding step: the routed part runs for
+    the rows that take the token only (on their rows of the cache), and the logits equal the
+    padded path's and the full prefill's."""
+    m = llama(seed=1)
+    routed = insert_mod(m, [1, 3], capacity=0.5, skip=skip)
+    randomise_routers(m, seed=3)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(5))
+    full = logits(m, input_ids=ids)
+    rows_seen = []
+    for b in routed.values():
+        b.block.self_attn.register_forward_hook(
+            lambda mod, a, kw, y: rows_seen.append(kw["hidden_states"].shape), with_kwargs=True
+        )
+    compact, _ = stepwise(m, ids, 4)
+    decode_rows = [s[0] for s in rows_seen if s[1] == 1]
+    assert decode_rows and min(decode_rows) < 4  # some steps ran fewer rows than the batch
+    torch.testing.assert_close(compact, full, rtol=1e-4, atol=1e-5)
+    for b in routed.values():
+        b.compact = False
+    padded, _ = stepwise(m, ids, 4)
+    torch.testing.assert_close(compact, padded, rtol=1e-5, atol=1e-6)

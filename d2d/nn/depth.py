@@ -89,8 +89,9 @@ class MoDBlock(nn.Module):
                 "use --skip block"
             )
         self.sink, self.skip = sink, skip
-        # skip "mlp": compute only the chosen (row, token) pairs (False: pad rows like the
-        # attention paths do; kept for the equivalence test)
+        # compute only for the rows that take a token: skip "mlp", the chosen (row, token)
+        # pairs; "block" and "attention" at a decoding step, the rows that take it, on their
+        # rows of the KV cache (False: pad rows with placeholders; kept for the equivalence test)
         self.compact = True
         self.block = block
         self.router = nn.Linear(d_model, 1)
@@ -239,6 +240,8 @@ class MoDBlock(nn.Module):
             g = 2.0 * torch.sigmoid(r[rows, cols])[:, None].to(x.dtype)
             upd = g * self._update(hs, None, None, None, None, kw)
             return x.index_put((rows, cols), upd, accumulate=True)
+        if kv and self.compact and t == 1 and self._rows_cache(cache) is not None:
+            return self._decode_rows(x, choice, r, position_ids, position_embeddings, cache, kw)
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
             torch.where(
@@ -262,6 +265,42 @@ class MoDBlock(nn.Module):
         g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None]
         upd = (g * ups) * valid[:, :, None].to(x.dtype)
         return self._after(x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd))
+
+    def _rows_cache(self, cache):
+        """This block's layer of a cache whose rows can be selected (a DynamicCache layer that
+        holds entries), else None."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or self.layer_idx >= len(layers):
+            return None
+        layer = layers[self.layer_idx]
+        if not getattr(layer, "is_initialized", False) or not torch.is_tensor(layer.keys):
+            return None
+        return layer
+
+    def _decode_rows(self, x, choice, r, position_ids, position_embeddings, cache, kw):
+        """A decoding step (one token per row) that some rows of the batch take: the routed
+        part runs for those rows only, on their rows of this block's cache; the other rows get
+        a zero placeholder entry, recorded invalid so that no query sees it."""
+        b = x.shape[0]
+        rows = choice[:, 0].nonzero(as_tuple=True)[0]
+        mask = self._mask(cache, choice, x.dtype)  # records every row's validity
+        layer = self._rows_cache(cache)
+        full_k, full_v = layer.keys, layer.values
+        layer.keys, layer.values = full_k.index_select(0, rows), full_v.index_select(0, rows)
+        try:
+            cos, sin = position_embeddings
+            pe = tuple(t.index_select(0, rows) if t.shape[0] == b else t for t in (cos, sin))
+            pos = None if position_ids is None else position_ids.expand(b, -1)[rows]
+            upd = self._update(x[rows], None if mask is None else mask[rows], pos, pe, cache, kw)
+            new_k, new_v = layer.keys[:, :, -1:], layer.values[:, :, -1:]
+        finally:
+            layer.keys, layer.values = full_k, full_v
+        k_tok = full_k.new_zeros(b, *new_k.shape[1:]).index_copy_(0, rows, new_k)
+        v_tok = full_v.new_zeros(b, *new_v.shape[1:]).index_copy_(0, rows, new_v)
+        layer.keys = torch.cat([full_k, k_tok], dim=-2)
+        layer.values = torch.cat([full_v, v_tok], dim=-2)
+        g = 2.0 * torch.sigmoid(r[rows])[:, :, None].to(x.dtype)
+        return self._after(x.index_add(0, rows, g * upd))
 
     def _update(self, h, mask, pos, pe, cache, kwargs: dict) -> torch.Tensor:
         """What the routed part adds to hidden states h: the whole block's update, the
