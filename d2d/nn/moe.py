@@ -147,6 +147,8 @@ class MoEFFN(nn.Module):
 
     def block_norm(self, v: torch.Tensor) -> torch.Tensor:
         """[N, E] the L2 norm over each expert's neurons of per-neuron values [N, f]."""
+        if self.expert_size == 1:
+            return v.abs()
         return v.view(v.shape[0], self.n_experts, self.expert_size).norm(dim=-1)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +319,7 @@ class MoEFFN(nn.Module):
             h = self.hidden(x2)
         if mask is not None:
             E, s = self.n_experts, self.expert_size
-            h = (h.view(-1, E, s) * mask.unsqueeze(-1).to(h.dtype)).view(-1, E * s)
+            h = h.view(-1, E, s).masked_fill(~mask.unsqueeze(-1), 0).view(-1, E * s)
         y = self.down(h)
         return y.view(*shape[:-1], self.d_model)
 
