@@ -359,3 +359,18 @@ def test_batch_decoding_runs_only_the_rows_that_take_the_token(skip):
         b.compact = False
     padded, _ = stepwise(m, ids, 4)
     torch.testing.assert_close(compact, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_training_under_bf16_autocast():
+    """Router logits are bf16 under autocast; the running threshold stays fp32 and updates."""
+    m = llama(seed=4)
+    routed = insert_mod(m, [1, 3], capacity=0.5, sink=1)
+    for b in routed.values():
+        b.add_threshold()
+    randomise_routers(m, seed=6)
+    set_mode(m, "threshold")
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(input_ids=torch.randint(1, 96, (2, 12)))
+    for b in routed.values():
+        assert b.threshold.dtype == torch.float32 and float(b.threshold) != 0.0

@@ -178,8 +178,8 @@ class MoDBlock(nn.Module):
         free = real if forced is None else real & ~forced
         if self.training and bool(free.any()):
             t = torch.quantile(r.detach()[free].float(), 1.0 - self.capacity).to(r.dtype)
-            with torch.no_grad():
-                self.threshold.lerp_(t, self.THRESHOLD_MOMENTUM)
+            with torch.no_grad():  # (under autocast r is bf16, the running threshold is not)
+                self.threshold.lerp_(t.to(self.threshold.dtype), self.THRESHOLD_MOMENTUM)
         else:
             t = self.threshold
         choice = r >= t
