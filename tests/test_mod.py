@@ -374,3 +374,23 @@ def test_threshold_training_under_bf16_autocast():
         m(input_ids=torch.randint(1, 96, (2, 12)))
     for b in routed.values():
         assert b.threshold.dtype == torch.float32 and float(b.threshold) != 0.0
+
+
+def test_depth_only_policy_on_a_converted_model_without_routers():
+    """MoD on a converted model that routes its FFNs without routers (router-free rules):
+    a policy naming only the depth mode runs every expert and needs no router; a policy that
+    routes by the routers' scores still asks for them."""
+    from d2d.errors import D2DError
+    from d2d.nn.routing import routing
+    from d2d.stages import ConvertConfig, convert
+
+    m = llama(seed=2)
+    convert(m, ConvertConfig(expert_size=1))
+    insert_mod(m, [1, 3], capacity=0.5)
+    randomise_routers(m, seed=5)
+    ids = torch.randint(1, 96, (2, 10))
+    with routing(m, {"depth": "topk"}):
+        logits(m, input_ids=ids)
+    with pytest.raises(D2DError, match="no routers"):
+        with routing(m, {"rule": "tau", "tau": 0.1}):
+            pass

@@ -23,7 +23,11 @@ def apply_routing(model: nn.Module, policy: RoutingPolicy | dict) -> RoutingPoli
     typed policy."""
     p = RoutingPolicy.of(policy)
     moes = moe_layers(model)
-    if p.scores == "router" and not p.dense and any(m.router is None for m in moes.values()):
+    # routers are needed only where the policy can skip an expert by the routers' scores (a
+    # policy that names only the depth mode routes no FFN)
+    if p.scores == "router" and any(
+        m.router is None and p.routes(m.index, m.n_experts) for m in moes.values()
+    ):
         raise D2DError("this artifact has no routers: run d2d train-routers first")
     for m in moes.values():
         m.policy = p
