@@ -61,19 +61,10 @@ def test_choose_by_target_and_by_drop():
 def test_batches_shrink_with_a_large_vocabulary():
     """Logits (and calibration's softmax and gradient of them) grow with the vocabulary: a
     262k-token vocabulary evaluates 512 tokens a batch, SmolLM2's 49k the usual 2,048."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from d2d.measure.evaluate import LOGIT_ENTRIES, TOKENS_PER_BATCH, tokens_per_batch
 
     def lm(vocab):
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        )
-        return LlamaForCausalLM(cfg)
+        return tiny("gated", vocab=vocab)
 
     assert tokens_per_batch(lm(262_144)) == LOGIT_ENTRIES // 262_144 == 512
     assert tokens_per_batch(lm(49_152)) == TOKENS_PER_BATCH == 2048

@@ -161,20 +161,11 @@ def test_lora_adapters_train_and_merge_into_the_routed_blocks_only(model_dirs, t
 def test_block_sensitivity_by_construction(skip):
     """A block whose skipped part adds nothing costs nothing to skip; at capacity 1.0 no block
     costs anything; a block that does work costs something at capacity 0.25."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_mod import llama
 
     from d2d.measure.sensitivity import depth_sensitivity
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    m = LlamaForCausalLM(cfg).eval()
+    m = llama(seed=0, layers=4)
     layers = m.model.layers
     with torch.no_grad():
         if skip in ("block", "attention"):

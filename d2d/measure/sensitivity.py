@@ -91,21 +91,17 @@ def layer_sensitivity(
         m.capture = make(i)
         hooks.append(m.register_forward_hook(lambda mod, a, y, i=i: outs[i].append(y)))
     grads: dict[int, list] = {i: [] for i in moes}
-    used = 0
-    n_batches, seen = 0, 0
-    for b in ev.batches:  # how many batches the token budget takes, for progress
-        if seen >= tokens:
+    chosen, used = [], 0  # the batches the token budget takes
+    for b in ev.batches:
+        if used >= tokens:
             break
-        seen += int(b["input_ids"].numel())
-        n_batches += 1
+        chosen.append(b)
+        used += int(b["input_ids"].numel())
     try:
         with routing(model, ALL):
-            for j, b in enumerate(ev.batches):
-                if used >= tokens:
-                    break
+            for j, b in enumerate(chosen):
                 if progress is not None:
-                    progress("sensitivity (forward and backward)", j, n_batches)
-                used += int(b["input_ids"].numel())
+                    progress("sensitivity (forward and backward)", j, len(chosen))
                 kw = {k: v for k, v in b.items() if not k.endswith("_")}
                 with torch.enable_grad():
                     out = model(**kw)

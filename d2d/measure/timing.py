@@ -290,11 +290,8 @@ def memory(art) -> dict:
         total += b
         if ".router." in name or ".predictor." in name or name.endswith(".perm"):
             added += b
-    for m in moe_layers(art.model).values():
-        for _, derived in m._derived.values():
-            for t in derived if isinstance(derived, tuple) else (derived,):
-                total += t.numel() * t.element_size()
-                added += t.numel() * t.element_size()
+    derived = sum(m.derived_bytes() for m in moe_layers(art.model).values())
+    total, added = total + derived, added + derived
     path = art.path / "model.safetensors" if art.path else None
     disk = path.stat().st_size if path and path.exists() else None
     return {

@@ -240,8 +240,11 @@ class MoDBlock(nn.Module):
             g = 2.0 * torch.sigmoid(r[rows, cols])[:, None].to(x.dtype)
             upd = g * self._update(hs, None, None, None, None, kw)
             return x.index_put((rows, cols), upd, accumulate=True)
-        if kv and self.compact and t == 1 and self._rows_cache(cache) is not None:
-            return self._decode_rows(x, choice, r, position_ids, position_embeddings, cache, kw)
+        layer = self._rows_cache(cache) if kv and self.compact and t == 1 else None
+        if layer is not None:
+            return self._decode_rows(
+                x, choice, r, position_ids, position_embeddings, cache, layer, kw
+            )
         # the chosen tokens in their original order; rows with fewer pad with placeholders
         idx = torch.sort(
             torch.where(
@@ -277,14 +280,13 @@ class MoDBlock(nn.Module):
             return None
         return layer
 
-    def _decode_rows(self, x, choice, r, position_ids, position_embeddings, cache, kw):
+    def _decode_rows(self, x, choice, r, position_ids, position_embeddings, cache, layer, kw):
         """A decoding step (one token per row) that some rows of the batch take: the routed
         part runs for those rows only, on their rows of this block's cache; the other rows get
         a zero placeholder entry, recorded invalid so that no query sees it."""
         b = x.shape[0]
         rows = choice[:, 0].nonzero(as_tuple=True)[0]
         mask = self._mask(cache, choice, x.dtype)  # records every row's validity
-        layer = self._rows_cache(cache)
         full_k, full_v = layer.keys, layer.values
         layer.keys, layer.values = full_k.index_select(0, rows), full_v.index_select(0, rows)
         try:

@@ -145,6 +145,14 @@ class MoEFFN(nn.Module):
                 hit = self._derived[name] = (key, make())
         return hit[1]
 
+    def derived_bytes(self) -> int:
+        """Bytes held in derived copies of the weights (the threshold kernel's)."""
+        return sum(
+            t.numel() * t.element_size()
+            for _, made in self._derived.values()
+            for t in (made if isinstance(made, tuple) else (made,))
+        )
+
     def block_norm(self, v: torch.Tensor) -> torch.Tensor:
         """[N, E] the L2 norm over each expert's neurons of per-neuron values [N, f]."""
         if self.expert_size == 1:
