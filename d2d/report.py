@@ -29,6 +29,7 @@ from d2d.io import atomic_dir
 from d2d.lineage import last_stage
 from d2d.measure.evaluate import Evaluator
 from d2d.nn.depth import depth_mode, mod_blocks
+from d2d.nn.policy import key_order
 from d2d.nn.policy import label as policy_label
 from d2d.options import parse_taus
 from d2d.progress import Progress, null_progress
@@ -219,12 +220,21 @@ def curve_figure(cal: dict) -> bytes:
     return _png(fig)
 
 
+def _rows(rows: list):
+    """A [layers, width] matrix of per-layer lists; shorter rows (converted attention
+    projections have their own expert counts) padded with NaN, drawn blank."""
+    import numpy as np
+
+    width = max((len(r) for r in rows), default=0)
+    return np.array([list(map(float, r)) + [np.nan] * (width - len(r)) for r in rows])
+
+
 def usage_figure(usage: dict, k_hist: dict) -> bytes:
     import numpy as np
 
     plt = _plt()
-    layers = sorted(usage, key=int)
-    mat = np.array([np.asarray(usage[i], dtype=float) for i in layers])
+    layers = sorted(usage, key=key_order)
+    mat = _rows([usage[i] for i in layers])
     tokens = np.array([[sum(k_hist[i])] for i in layers], dtype=float)  # tokens per layer
     frac = mat / np.maximum(tokens, 1)
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(layers) + 1.6))
@@ -240,11 +250,11 @@ def k_hist_figure(k_hist: dict) -> bytes:
     import numpy as np
 
     plt = _plt()
-    layers = sorted(k_hist, key=int)
-    mat = np.array([np.asarray(k_hist[i], dtype=float) for i in layers])
-    dist = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+    layers = sorted(k_hist, key=key_order)
+    mat = _rows([k_hist[i] for i in layers])
+    dist = mat / np.maximum(np.nansum(mat, axis=1, keepdims=True), 1)
     ks = np.arange(mat.shape[1])
-    mean = (dist * ks).sum(axis=1)
+    mean = np.nansum(dist * ks, axis=1)
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(layers) + 1.6))
     im = ax.imshow(dist, aspect="auto", cmap="magma", interpolation="nearest")
     ax.plot(mean, range(len(layers)), "o", color="cyan", ms=5, label="mean")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from d2d.data import encode_docs, lm_windows, load_corpus
 from d2d.device import use_bf16
 from d2d.errors import D2DError
-from d2d.measure.flops import dense_ffn_macs, fractions
+from d2d.measure.flops import dense_ffn_macs, fractions, routed_fraction
 from d2d.models import task_of
 from d2d.nn.depth import mod_stats, summarise
 from d2d.nn.policy import ALL, RoutingPolicy
@@ -100,6 +100,9 @@ class Measurement:
     usage: dict = field(default_factory=dict)
     k_hist: dict = field(default_factory=dict)
     depth: dict = field(default_factory=dict)  # Mixture-of-Depths: processed fractions, accuracy
+    # with attention projections converted to experts: the FLOPs of every MoE layer (FFNs and
+    # projections) as a fraction of the same layers with every expert run; else None
+    routed_fraction: float | None = None
 
 
 class Evaluator:
@@ -205,6 +208,7 @@ class Evaluator:
         blocks = summarise(dstats, len(dense_ffn_macs(model))) if dstats else {}
         ffn_fraction, model_fraction = fractions(model, self.seq_len, causal, stats, dstats)
         moes = moe_layers(model)
+        attention = any(isinstance(k, str) for k in moes)
         return Measurement(
             quality=float("nan"),
             ffn_fraction=ffn_fraction,
@@ -213,4 +217,5 @@ class Evaluator:
             usage={str(i): s.usage.tolist() for i, s in stats.items() if s.usage is not None},
             k_hist={str(i): s.k_hist.tolist() for i, s in stats.items() if s.k_hist is not None},
             depth=blocks,
+            routed_fraction=routed_fraction(model, stats) if attention else None,
         )

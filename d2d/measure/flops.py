@@ -11,7 +11,9 @@ routes only its attention (skip "attention") counts f for the attention part and
 one that routes only its MLP (skip "mlp"), its whole attention and f of its FFN.
 
 Attention projections replaced by MLPs (d2d.nn.projection) cost their MLP's multiply-adds
-instead of the projection's, every neuron counted.
+instead of the projection's, every neuron counted; once split into experts (convert), the
+experts they executed (router cost included), as FFN experts do. The dense model they are
+compared with keeps its linear projections.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from d2d import arch
 from d2d.nn.depth import mod_blocks, processed
 from d2d.nn.moe import LayerStats, MoEFFN
+from d2d.nn.policy import block_of
 from d2d.nn.projection import extra_macs
 from d2d.nn.structure import moe_layers
 
@@ -98,6 +101,10 @@ def converted_flops(
     processed = processed or {}
     proj, scores = _attention_macs(model, seq_len, causal)
     mlp_extra = extra_macs(model)  # attention projections replaced by MLPs (every neuron run)
+    for k, m in moes.items():  # and those split into experts, at what they executed
+        if isinstance(k, str):
+            i = block_of(k)
+            mlp_extra[i] = mlp_extra.get(i, 0) + m.token_macs(stats.get(k)) - m.d_model * m.d_out
     attn = ffn = routers = 0.0
     for i, macs in enumerate(dense_ffn_macs(model)):
         f_attn = f_ffn = 1.0  # the shares of tokens the sub-layers process
@@ -136,3 +143,14 @@ def fractions(
     conv = converted_flops(model, seq_len, causal, stats, processed(depth_stats or {}))
     cut = 0.0 if head else dense.head
     return conv.ffn / dense.ffn, (conv.total - cut) / (dense.total - cut)
+
+
+def routed_fraction(model: nn.Module, stats: dict[int | str, LayerStats]) -> float:
+    """The FLOPs of every MoE layer (converted FFNs and attention projections) as a fraction of
+    the same layers with every expert run, from execution statistics (router cost included):
+    the quantity calibrate's budgets allocate when attention projections are converted."""
+    done = full = 0.0
+    for k, m in moe_layers(model).items():
+        done += m.token_macs(stats.get(k))
+        full += m.expert_macs() * m.n_experts
+    return done / full if full else 1.0

@@ -25,6 +25,11 @@ class Sensitivity:
         self.moes, self.caps, self.grads, self.sink = moes, caps, grads, dense_sink
         self.scores = scores  # "router" or "oracle": what the tables rank experts by
 
+    def weights(self) -> dict:
+        """Each layer's FLOPs with every expert run: allocate's weights (layers differ once
+        attention projections are converted)."""
+        return {i: m.expert_macs() * m.n_experts for i, m in self.moes.items()}
+
     @torch.no_grad()
     def table(
         self, rule: str, progress=None
@@ -129,7 +134,7 @@ def layer_sensitivity(
         )
         for i in moes
     }
-    g = {i: torch.cat([t.reshape(-1, moes[i].d_model) for t in grads[i]]).float() for i in moes}
+    g = {i: torch.cat([t.reshape(-1, moes[i].d_out) for t in grads[i]]).float() for i in moes}
     return Sensitivity(moes, merged, g, dense_sink, scores)
 
 
@@ -144,19 +149,23 @@ def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
 
 
-def allocate(table: dict, budget: float) -> dict[int, float]:
-    """Per-layer rule parameters minimising the summed cost with mean fraction <= budget.
+def allocate(table: dict, budget: float, weights: dict | None = None) -> dict[int, float]:
+    """Per-layer rule parameters minimising the summed cost with mean fraction <= budget, the
+    mean weighted by `weights` (each layer's FLOPs with every expert run; None: equal).
 
     Lagrangian relaxation: for a price lam on compute each layer independently picks the grid
-    point minimising cost + lam * fraction; lam is bisected until the budget is met.
+    point minimising cost + lam * weight * fraction; lam is bisected until the budget is met.
     """
     layers = list(table)
+    w = {i: 1.0 for i in layers} if weights is None else {i: float(weights[i]) for i in layers}
+    total = sum(w.values())
+    w = {i: v * len(layers) / total for i, v in w.items()}  # mean 1: prices as before
 
     def pick(lam):
-        return {i: int(np.argmin(table[i][1] + lam * table[i][0])) for i in layers}
+        return {i: int(np.argmin(table[i][1] + lam * w[i] * table[i][0])) for i in layers}
 
     def frac(choice):
-        return float(np.mean([table[i][0][choice[i]] for i in layers]))
+        return float(np.mean([w[i] * table[i][0][choice[i]] for i in layers]))
 
     if frac(pick(0.0)) <= budget:
         choice = pick(0.0)
@@ -236,7 +245,7 @@ def magnitude_table(
         base = (h * gw).sum(-1)
         wn = m.neuron_weights().float()
         d, f = m.d_model, m.n_experts * m.expert_size
-        gate_up, down = (2 if m.gated else 1) * d * f, d * f
+        gate_up, down = (2 if m.gated else 1) * d * f, m.d_out * f
         ax = s.x.abs()[s.free]
         fr, cost, params = [], [], []
         t_xs = quantiles(ax, [1 - px for px in INPUT_KEEP])
@@ -288,6 +297,8 @@ def cats_thresholds(sens, keep: float) -> dict[int, float]:
     units (the gate itself is computed in full)."""
     out = {}
     for i, m in sens.moes.items():
+        if not m.gated:  # an attention projection's MLP: no gate to read
+            continue
         s = _sample(sens, i)
         ga = m.block_norm(m.act(torch.nn.functional.linear(s.x, m.w_gate, m.b_gate)).float())
         out[i] = quantile(ga[s.free], 1 - keep) if keep < 1 else 0.0

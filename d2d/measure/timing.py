@@ -12,10 +12,14 @@ reported as the median; ratios are converted / dense, beside the FLOPs fraction 
 
 Mixture-of-Depths: dense is every block on every token (the same weights); top-k routing is
 timed in prefill only (top-k needs the whole sequence), the causal decision in both.
+
+Attention projections that d2d replaced (by MLPs, then experts) run, in the dense reference, as
+linear layers of their original shape: the dense model is the one before the replacement.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import platform
@@ -34,6 +38,7 @@ from d2d.models import task_of
 from d2d.nn import kernels
 from d2d.nn.depth import mod_stats
 from d2d.nn.policy import ALL as DENSE
+from d2d.nn.projection import linear_projections, replacement_bytes
 from d2d.nn.routing import collecting, routing
 from d2d.nn.structure import moe_layers
 from d2d.options import parse_int_list
@@ -95,7 +100,7 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
 
 def _inputs(art, cfg, layer: int, n_tokens: int) -> torch.Tensor:
     """Real FFN inputs of `layer`: the model run (every expert) on the calibration split."""
-    moe = moe_layers(art.model)[layer]
+    moe = moe_layers(art.model, "ffn")[layer]
     seq = min(256, n_tokens) if task_of(art.model) == "causal-lm" else 256
     # documents are padded to seq: ask for twice the tokens, keep the real ones
     batches = batches_for(art.model, art.tokenizer, cfg.data, "calib", seq, 2 * n_tokens, cfg.seed)
@@ -128,7 +133,7 @@ def _inputs(art, cfg, layer: int, n_tokens: int) -> torch.Tensor:
 
 
 def layer_bench(art, cfg, policies, progress: Progress) -> dict:
-    moes = moe_layers(art.model)
+    moes = moe_layers(art.model, "ffn")
     layer = cfg.layer if cfg.layer >= 0 else sorted(moes)[len(moes) // 2]
     if layer not in moes:
         raise D2DError(f"layer {layer} is not converted: pick one of {sorted(moes)}")
@@ -200,7 +205,7 @@ def model_bench(art, cfg, policies, progress: Progress) -> list[dict]:
 
     def prefill(pol):
         def f(r):
-            with routing(model, pol), torch.no_grad():
+            with routing(model, pol), _reference(model, pol), torch.no_grad():
                 t0 = time.perf_counter()
                 model(**prompt)
                 return time.perf_counter() - t0
@@ -232,7 +237,7 @@ def model_bench(art, cfg, policies, progress: Progress) -> list[dict]:
 
             def decode(pol_, start=start):
                 def f(r):
-                    with routing(model, pol_), torch.no_grad():
+                    with routing(model, pol_), _reference(model, pol_), torch.no_grad():
                         return decode_loop(model, start, cfg.new_tokens)
 
                 return f
@@ -258,6 +263,12 @@ def model_bench(art, cfg, policies, progress: Progress) -> list[dict]:
             )
             progress("model benchmark", len(rows), total)
     return rows
+
+
+def _reference(model, pol):
+    """The dense reference runs attention projections that d2d replaced as the linear layers
+    they were (an MLP with every neuron costs more than its projection)."""
+    return linear_projections(model) if pol is DENSE else contextlib.nullcontext()
 
 
 def decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None) -> float:
@@ -291,6 +302,8 @@ def memory(art) -> dict:
         if ".router." in name or ".predictor." in name or name.endswith(".perm"):
             added += b
     derived = sum(m.derived_bytes() for m in moe_layers(art.model).values())
+    # attention projections as MLPs or experts hold more than the projections they replaced
+    added += replacement_bytes(art.model)
     total, added = total + derived, added + derived
     path = art.path / "model.safetensors" if art.path else None
     disk = path.stat().st_size if path and path.exists() else None

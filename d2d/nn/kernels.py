@@ -195,7 +195,7 @@ def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     tok_e = tok[order]
     counts = torch.bincount(ex, minlength=E).tolist()
     xs = x.index_select(0, tok_e)
-    ys = torch.empty(len(tok_e), moe.d_model, dtype=x.dtype, device=x.device)
+    ys = torch.empty(len(tok_e), moe.d_out, dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
@@ -211,5 +211,5 @@ def grouped_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             h = moe.act(up)
         ys[start : start + c] = h @ moe.w_out[rows]
         start += c
-    y = torch.zeros_like(x).index_add_(0, tok_e, ys)
+    y = x.new_zeros(x.shape[0], moe.d_out).index_add_(0, tok_e, ys)
     return y if moe.b_out is None else y + moe.b_out

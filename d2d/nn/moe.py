@@ -81,22 +81,28 @@ class MoEFFN(nn.Module):
         bias_out: bool,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        d_out: int | None = None,
     ):
         super().__init__()
         f = n_experts * expert_size
         kw = {"dtype": dtype, "device": device}
         self.d_model, self.n_experts, self.expert_size = d_model, n_experts, expert_size
+        # the output width: the input's for an FFN, the projection's for an attention
+        # projection converted through d2d.nn.projection (k and v narrower under GQA)
+        self.d_out = d_model if d_out is None else d_out
         self.act = act
         self.w_in = nn.Parameter(torch.empty(f, d_model, **kw))
         self.b_in = nn.Parameter(torch.empty(f, **kw)) if bias_in else None
         self.w_gate = nn.Parameter(torch.empty(f, d_model, **kw)) if gated else None
         self.b_gate = nn.Parameter(torch.empty(f, **kw)) if (gated and bias_in) else None
-        self.w_out = nn.Parameter(torch.empty(f, d_model, **kw))  # [f, d]: rows per neuron
-        self.b_out = nn.Parameter(torch.empty(d_model, **kw)) if bias_out else None
+        self.w_out = nn.Parameter(torch.empty(f, self.d_out, **kw))  # [f, d_out]: neuron rows
+        self.b_out = nn.Parameter(torch.empty(self.d_out, **kw)) if bias_out else None
         # original neuron index of each permuted neuron: maps experts back to the dense FFN
         self.register_buffer("perm", torch.arange(f, device=device))
         self.router: Router | None = None
-        self.index = 0  # the block this FFN belongs to: per-layer policies are keyed by it
+        # per-layer policies are keyed by it: the block's index for an FFN, "<block>_<name>"
+        # for an attention projection (d2d.nn.structure.moe_layers)
+        self.index: int | str = 0
         self.policy: RoutingPolicy = ALL
         self.context = RoutingContext()
         self.stats: LayerStats | None = None  # collect when not None
@@ -114,7 +120,7 @@ class MoEFFN(nn.Module):
 
     def expert_macs(self) -> int:
         """Multiply-accumulates of one expert for one token."""
-        return (3 if self.gated else 2) * self.d_model * self.expert_size
+        return ((2 if self.gated else 1) * self.d_model + self.d_out) * self.expert_size
 
     def token_macs(self, stats: LayerStats | None) -> float:
         """Multiply-accumulates per token under the current policy, from execution statistics
@@ -123,7 +129,7 @@ class MoEFFN(nn.Module):
         ceiling); gate: the gate in full, up and down for the selected experts; activation /
         magnitude: gate and up in full (on the kept share of the input), down for the selected."""
         d, f = self.d_model, self.n_experts * self.expert_size
-        gate_up, down = (2 if self.gated else 1) * d * f, d * f
+        gate_up, down = (2 if self.gated else 1) * d * f, self.d_out * f
         k = stats.fraction(self.n_experts) if stats is not None and stats.tokens else 1.0
         kx = stats.input_fraction() if stats is not None else 1.0
         scores = self.policy.scores
@@ -178,7 +184,7 @@ class MoEFFN(nn.Module):
         # ||sum_j h_j w_j||^2 = h^T G h with G = W W^T, the [s, s] Gram matrix of the expert's
         # down rows: s^2 instead of s x d multiply-adds per token and expert, and no [N, E, d]
         # intermediate (computed in float64: G's entries cancel where outputs are small)
-        w = self.w_out.view(E, s, self.d_model).double()
+        w = self.w_out.view(E, s, self.d_out).double()
         gram = torch.einsum("esd,etd->est", w, w)
         out = []
         for i in range(0, n, chunk):
@@ -278,6 +284,7 @@ class MoEFFN(nn.Module):
             and not torch.is_autocast_enabled(x2.device.type)
             and kernels.applies(x2, self.w_in, self.w_out)
             and kernels.act_code(self.act) >= 0
+            and self.d_out == self.d_model
             and kernels.load() is not None
             and not self._sink_rows(x2.shape[0]).any()
         )
@@ -307,7 +314,7 @@ class MoEFFN(nn.Module):
         # TEAL-style input sparsity: gate and up read only the entries above the threshold
         t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
         if self._threshold_ok(x2, t_in):
-            return self._threshold_run(x2, t_in).view(*shape[:-1], self.d_model)
+            return self._threshold_run(x2, t_in).view(*shape[:-1], self.d_out)
         kept = (x2.abs() >= t_in) if t_in > 0 else None
         if kept is not None:  # the dense sink reads its whole input too
             kept |= self._sink_rows(x2.shape[0])[:, None]
@@ -323,13 +330,13 @@ class MoEFFN(nn.Module):
         if sparse:
             y = self._run_sparse(x2, mask)
             if y is not None:
-                return y.view(*shape[:-1], self.d_model)
+                return y.view(*shape[:-1], self.d_out)
             h = self.hidden(x2)
         if mask is not None:
             E, s = self.n_experts, self.expert_size
             h = h.view(-1, E, s).masked_fill(~mask.unsqueeze(-1), 0).view(-1, E * s)
         y = self.down(h)
-        return y.view(*shape[:-1], self.d_model)
+        return y.view(*shape[:-1], self.d_out)
 
     def _record(self, mask: torch.Tensor | None, n: int, kept: torch.Tensor | None) -> None:
         """Add one call to the statistics; `kept`: [n] the share of each token's input kept."""
@@ -353,6 +360,7 @@ class MoEFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"d_model={self.d_model}, n_experts={self.n_experts}, expert_size={self.expert_size}, "
+            f"d_model={self.d_model}, d_out={self.d_out}, n_experts={self.n_experts}, "
+            f"expert_size={self.expert_size}, "
             f"gated={self.gated}, policy={self.policy.to_dict()}"
         )

@@ -119,6 +119,32 @@ def rule_mask(rule: str, scores: torch.Tensor, value: float) -> torch.Tensor:
     return RULES[rule].mask(scores, value)
 
 
+def layer_key(k) -> int | str:
+    """A per-layer key from its JSON form: a block's index (an FFN) or "<block>_<name>" (an
+    attention projection converted to experts, e.g. "3_q")."""
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    k = str(k)
+    if k.isdigit():
+        return int(k)
+    head, _, name = k.partition("_")
+    if not (head.isdigit() and name):
+        raise D2DError(f"bad layer key {k!r}: a block index or <block>_<projection>, e.g. 3_q")
+    return k
+
+
+def block_of(key) -> int:
+    """The block a per-layer key belongs to."""
+    k = layer_key(key)
+    return k if isinstance(k, int) else int(k.partition("_")[0])
+
+
+def key_order(key) -> tuple[int, str]:
+    """Sort key of per-layer keys: by block, the FFN ("") before its block's projections."""
+    k = layer_key(key)
+    return (k, "") if isinstance(k, int) else (block_of(k), k.partition("_")[2])
+
+
 def _number(v, what: str, rule: Rule) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not rule.valid(float(v)):
         raise D2DError(f"{what} must be {rule.valid_text}, got {v!r}")
@@ -132,13 +158,13 @@ class RoutingPolicy:
 
     rule: str = "all"
     value: float | None = None  # one value for every layer (tau, top-k fraction)
-    per_layer: dict[int, float] = field(default_factory=dict)
+    per_layer: dict[int | str, float] = field(default_factory=dict)
     scores: str = "router"  # a key of SCORES
     dense_positions: int = 0  # leading positions of each sequence that run every expert
     depth: str | None = None  # topk | causal | dense; None: blocks keep their mode
     # per layer: input entries with |x| below this are zeroed before gate and up, whose weight
     # columns for them are then skipped (TEAL-style input sparsity)
-    input_thresholds: dict[int, float] = field(default_factory=dict)
+    input_thresholds: dict[int | str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -170,19 +196,19 @@ class RoutingPolicy:
         """The mode routed blocks take under this policy (None: keep theirs)."""
         return self.depth or ("dense" if self.dense else None)
 
-    def value_at(self, layer: int) -> float:
+    def value_at(self, layer: int | str) -> float:
         if layer in self.per_layer:
             return self.per_layer[layer]
         return self.spec.default if self.value is None else self.value
 
-    def routes(self, layer: int, n_experts: int) -> bool:
+    def routes(self, layer: int | str, n_experts: int) -> bool:
         """Whether layer `layer` can skip an expert under this policy."""
         return self.spec.routes(self.value_at(layer), n_experts)
 
-    def mask(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+    def mask(self, layer: int | str, scores: torch.Tensor) -> torch.Tensor:
         return self.spec.mask(scores, self.value_at(layer))
 
-    def input_threshold(self, layer: int) -> float:
+    def input_threshold(self, layer: int | str) -> float:
         return float(self.input_thresholds.get(layer, 0.0))
 
     # --- JSON form (d2d.json, recipe files) ----------------------------------------------
@@ -210,7 +236,7 @@ class RoutingPolicy:
                 vals = p[r.per_layer_key]
                 if not isinstance(vals, dict):
                     raise D2DError(f"{r.per_layer_key} must map layers to values")
-                checked = {int(k): _number(v, r.per_layer_key, r) for k, v in vals.items()}
+                checked = {layer_key(k): _number(v, r.per_layer_key, r) for k, v in vals.items()}
                 per_layer = checked if r is spec else per_layer
         inputs = p.get("input_thresholds") or {}
         if not isinstance(inputs, dict):
@@ -222,7 +248,7 @@ class RoutingPolicy:
             p.get("scores", "router"),
             p.get("dense_positions", 0),
             p.get("depth"),
-            {int(k): v for k, v in inputs.items()},
+            {layer_key(k): v for k, v in inputs.items()},
         )
 
     def to_dict(self) -> dict:

@@ -10,6 +10,8 @@ it from there (d2d.stages.attention_mlp).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -119,3 +121,62 @@ def extra_macs(model: nn.Module) -> dict[int, int]:
         linear = m.fc1.in_features * m.fc2.out_features
         out[i] = out.get(i, 0) + m.macs() - linear
     return out
+
+
+def _replaced(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(block, path, module) of every projection d2d replaced: by an MLP, or by experts."""
+    from d2d.nn.moe import MoEFFN
+
+    fam = arch.detect(model)
+    out = []
+    for block in arch.blocks(model, fam):
+        for _, path in fam.attention:
+            try:
+                mod = arch.get_path(block, path)
+            except AttributeError:
+                continue
+            if isinstance(mod, (ProjectionMLP, MoEFFN)):
+                out.append((block, path, mod))
+    return out
+
+
+def _shape(mod: nn.Module) -> tuple[int, int]:
+    if isinstance(mod, ProjectionMLP):
+        return mod.fc1.in_features, mod.fc2.out_features
+    return mod.d_model, mod.d_out
+
+
+def replacement_bytes(model: nn.Module) -> int:
+    """Bytes the replaced projections hold beyond the linear projections they replaced."""
+    extra = 0
+    for _, _, mod in _replaced(model):
+        d_in, d_out = _shape(mod)
+        size = next(mod.parameters()).element_size()
+        held = sum(  # routers are counted apart (bench's memory line)
+            t.numel() * t.element_size()
+            for n, t in mod.named_parameters()
+            if not n.startswith("router.")
+        )
+        extra += held - (d_in * d_out + d_out) * size
+    return extra
+
+
+@contextmanager
+def linear_projections(model: nn.Module):
+    """Inside, every replaced projection is a linear layer of its original shape again, so
+    that the model costs what the dense model did (bench times its dense reference so). The
+    weights are random: the artifact no longer holds the originals; for timing only."""
+    found = _replaced(model)
+    cache = model.__dict__.setdefault("_d2d_linear_projections", {})
+    for block, path, mod in found:
+        key = (id(block), path)
+        if key not in cache:
+            ref = next(mod.parameters())
+            d_in, d_out = _shape(mod)
+            cache[key] = nn.Linear(d_in, d_out).to(device=ref.device, dtype=ref.dtype)
+        arch.set_path(block, path, cache[key])
+    try:
+        yield
+    finally:
+        for block, path, mod in found:
+            arch.set_path(block, path, mod)

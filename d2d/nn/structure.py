@@ -14,14 +14,25 @@ from d2d.errors import D2DError
 from d2d.nn.moe import MoEFFN, Router, RoutingContext
 
 
-def moe_layers(model: nn.Module) -> dict[int, MoEFFN]:
-    """Index of the block -> its MoE FFN, for every converted block."""
+def moe_layers(model: nn.Module, kind: str = "all") -> dict[int | str, MoEFFN]:
+    """Every MoE layer, in block order: a converted FFN under its block's index, a converted
+    attention projection under "<block>_<name>" (e.g. "3_q"). kind: "all", "ffn" or
+    "attention"."""
     fam = arch.detect(model)
     out = {}
     for i, block in enumerate(arch.blocks(model, fam)):
         mod = arch.get_path(block, fam.slot)
-        if isinstance(mod, MoEFFN):
+        if isinstance(mod, MoEFFN) and kind in ("all", "ffn"):
             out[i] = mod
+        if kind == "ffn":
+            continue
+        for name, path in fam.attention:
+            try:
+                mod = arch.get_path(block, path)
+            except AttributeError:
+                continue
+            if isinstance(mod, MoEFFN):
+                out[f"{i}_{name}"] = mod
     return out
 
 
@@ -113,3 +124,47 @@ def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:
         m.router = Router(m.d_model, m.n_experts, hidden).to(
             device=m.w_in.device, dtype=torch.float32
         )
+
+
+def build_projection_structure(model: nn.Module, n_experts: dict[str, int]) -> dict:
+    """Replace each projection MLP named in `n_experts` ("<block>_<name>" -> experts) by an
+    empty MoEFFN of the right shape (a ReLU MLP d_in -> hidden -> d_out split into experts).
+    Returns {key: (moe, mlp)}. Used by `convert` and by `d2d.load`."""
+    from d2d.nn.projection import ProjectionMLP
+
+    fam = arch.detect(model)
+    blist = arch.blocks(model, fam)
+    paths = dict(fam.attention)
+    ctx = install_context(model)
+    made = {}
+    for key, n in n_experts.items():
+        block, _, name = key.partition("_")
+        path = paths.get(name)
+        mlp = None if path is None else arch.get_path(blist[int(block)], path)
+        if not isinstance(mlp, ProjectionMLP):
+            raise D2DError(
+                f"layer {block}'s {name} projection is not an MLP: run d2d attention-mlp first"
+            )
+        hidden = mlp.fc1.out_features
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or hidden % n:
+            raise D2DError(
+                f"{n!r} experts do not divide the {hidden}-neuron MLP of projection {key}: "
+                f"choose an expert size that divides {hidden}"
+            )
+        w = mlp.fc1.weight
+        moe = MoEFFN(
+            mlp.fc1.in_features,
+            n,
+            hidden // n,
+            nn.ReLU(),
+            gated=False,
+            bias_in=True,
+            bias_out=True,
+            dtype=w.dtype,
+            device=w.device,
+            d_out=mlp.fc2.out_features,
+        )
+        moe.context, moe.index = ctx, key
+        arch.set_path(blist[int(block)], path, moe)
+        made[key] = (moe, mlp)
+    return made

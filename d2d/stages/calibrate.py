@@ -58,7 +58,8 @@ class CalibrateConfig(SampleFields):
     target_flops: float | None = field(
         default=None,
         metadata={
-            "help": "Choose the best quality at <= this FFN FLOPs fraction (measured points "
+            "help": "Choose the best quality at <= this FFN FLOPs fraction (with attention "
+            "projections converted: of every converted layer's FLOPs; measured points "
             f"within +{TARGET_SLACK:g} count: per-layer allocations land about there)."
         },
     )
@@ -91,7 +92,10 @@ class CalibrateConfig(SampleFields):
     )
     budgets: str = field(
         default=DEFAULT_BUDGETS,
-        metadata={"help": "FFN FLOPs budgets of the per-layer rules, comma-separated."},
+        metadata={
+            "help": "FFN FLOPs budgets of the per-layer rules, comma-separated (with attention "
+            "projections converted: budgets of every converted layer's FLOPs)."
+        },
     )
     dense_sink: int = field(
         default=1, metadata={"help": "Leading positions of each sequence that run every expert."}
@@ -118,7 +122,7 @@ class CalibrateConfig(SampleFields):
 def _row(rule: str, policy: dict, m, dense_q: float, metric: str) -> dict:
     from d2d.measure.evaluate import quality_drop
 
-    return {
+    row = {
         "rule": rule,
         "policy": policy,
         "ffn_fraction": m.ffn_fraction,
@@ -127,13 +131,22 @@ def _row(rule: str, policy: dict, m, dense_q: float, metric: str) -> dict:
         "drop": quality_drop(metric, m.quality, dense_q),
         "layer_fractions": m.layer_fractions,
     }
+    if m.routed_fraction is not None:
+        row["routed_fraction"] = m.routed_fraction
+    return row
+
+
+def budget_fraction(row: dict) -> float:
+    """What budgets and --target-flops measure: the FFN FLOPs fraction, or with attention
+    projections converted, that of every converted layer (FFNs and projections)."""
+    return row.get("routed_fraction", row["ffn_fraction"])
 
 
 def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
     """The chosen row: best quality within --target-flops, else fewest FLOPs within the drop."""
     if cfg.target_flops is not None:
         limit = cfg.target_flops + TARGET_SLACK
-        ok = [j for j, r in enumerate(rows) if r["ffn_fraction"] <= limit]
+        ok = [j for j, r in enumerate(rows) if budget_fraction(r) <= limit]
         if not ok:
             raise D2DError(
                 f"no calibrated point reaches {cfg.target_flops:.0%} of the FFN FLOPs: "
@@ -142,7 +155,7 @@ def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
         return min(ok, key=lambda j: rows[j]["drop"])
     limit = DEFAULT_MAX_DROP if cfg.max_quality_drop is None else cfg.max_quality_drop
     ok = [j for j, r in enumerate(rows) if r["drop"] <= limit]
-    return min(ok, key=lambda j: (rows[j]["ffn_fraction"], rows[j]["drop"]))
+    return min(ok, key=lambda j: (budget_fraction(rows[j]), rows[j]["drop"]))
 
 
 def sweep(
@@ -195,7 +208,11 @@ def sweep(
                 continue
             table = sens.table(rule, progress)
             for j, b in enumerate(budgets):
-                add(f"per-layer-{rule}", layer_policy(rule, allocate(table, b), sink, **extra), b)
+                add(
+                    f"per-layer-{rule}",
+                    layer_policy(rule, allocate(table, b, sens.weights()), sink, **extra),
+                    b,
+                )
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
         free = cfg.per_layer and "magnitude" in rules
         free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress)
@@ -210,7 +227,9 @@ def free_rows(model, sens, budgets, sink: int, magnitude: bool, peers: bool, add
     table = magnitude_table(sens, progress) if magnitude else None
     for j, b in enumerate(budgets):
         if table is not None:
-            add("per-layer-magnitude", magnitude_policy(allocate(table, b), sink), b)
+            add(
+                "per-layer-magnitude", magnitude_policy(allocate(table, b, sens.weights()), sink), b
+            )
         for name, pol in (peer_policies(model, sens, b, sink) if peers else {}).items():
             add(name, pol, b)
         progress("router-free rules", j + 1, len(budgets), budget=b)
@@ -244,7 +263,8 @@ def peer_policies(model, sens, budget: float, sink: int) -> dict[str, dict]:
             "dense_positions": sink,
         }
     }
-    gated = all(m.gated for m in sens.moes.values())
+    # FFN layers (int keys); converted attention projections are not gated
+    gated = all(m.gated for i, m in sens.moes.items() if isinstance(i, int))
     if gated and budget > 1 / 3:
         keep = min(1.0, (budget - 1 / 3) * 1.5)
         t = cats_thresholds(sens, keep)
@@ -315,9 +335,11 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
     """Rows: routing (per-layer rules @ their FLOPs budget), FLOPs fractions, quality."""
     from d2d.nn.policy import row_label
 
+    routed = any("routed_fraction" in r for r in cal["rows"])  # projections converted
     t = Table(
         f"{title}; FLOPs as a fraction of dense",
-        ["", "routing", "FFN", "model", cal["metric"], "change"],
+        ["", "routing", "FFN", *(["converted layers"] if routed else []), "model"]
+        + [cal["metric"], "change"],
         left=("", "routing"),
     )
     for j, r in enumerate(cal["rows"]):
@@ -326,6 +348,7 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
             "->" if chosen else "",
             row_label(r),
             pct(r["ffn_fraction"]),
+            *([pct(budget_fraction(r))] if routed else []),
             pct(r["model_fraction"]),
             f"{r['quality']:.4g}",
             change(r["drop"]),

@@ -42,6 +42,20 @@ class ConvertConfig(SampleFields):
     tokens: int = field(
         default=8192, metadata={"help": "Tokens whose activations group neurons (coactivation)."}
     )
+    attention: bool = field(
+        default=True,
+        metadata={
+            "help": "Also split the attention projections that attention-mlp made MLPs into "
+            "experts (routed like the FFNs' in every later stage)."
+        },
+    )
+    attention_expert_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Neurons per expert in the attention projections' MLPs (default: "
+            "--expert-size)."
+        },
+    )
 
     def __post_init__(self):
         one_of("clustering", self.clustering, CLUSTERINGS)
@@ -50,6 +64,8 @@ class ConvertConfig(SampleFields):
             raise D2DError(f"n_experts must be >= 1, got {self.n_experts}")
         if self.expert_size < 1:
             raise D2DError(f"expert_size must be >= 1, got {self.expert_size}")
+        if self.attention_expert_size is not None and self.attention_expert_size < 1:
+            raise D2DError(f"attention_expert_size must be >= 1, got {self.attention_expert_size}")
         parse_layers(self.layers, 10**6)  # syntax check
 
 
@@ -70,10 +86,16 @@ def resolve_n_experts(ffn_width: int, cfg: ConvertConfig) -> int:
 
 
 def coactivation_features(
-    model, tokenizer, cfg: ConvertConfig, layers: list[int], progress: Progress = null_progress
+    model,
+    tokenizer,
+    cfg: ConvertConfig,
+    layers: list[int],
+    progress: Progress = null_progress,
+    projections: dict | None = None,
 ) -> dict:
     """{layer: [f, dims] normalised co-activation profile sketches} from `cfg.tokens` tokens of
-    the training split of `cfg.data` (padding left out), streamed batch by batch."""
+    the training split of `cfg.data` (padding left out), streamed batch by batch; also for
+    each projection MLP in `projections` ({key: ProjectionMLP}), under its key."""
     import numpy as np
     import torch
 
@@ -88,7 +110,12 @@ def coactivation_features(
         model, tokenizer, cfg.data, "train", cfg.seq_len, cfg.tokens, cfg.seed, cfg.doc_split
     )
     rng = np.random.default_rng(cfg.seed)
-    sketches: dict[int, ProfileSketch] = {}
+    sketches: dict[int | str, ProfileSketch] = {}
+    taps: dict[str, torch.Tensor] = {}
+    handles = [
+        mlp.act.register_forward_hook(lambda mod, a, out, k=k: taps.__setitem__(k, out))
+        for k, mlp in (projections or {}).items()
+    ]
     with torch.no_grad(), tapped(model) as acts:
         for j, b in enumerate(batches):
             acts.clear()
@@ -97,13 +124,16 @@ def coactivation_features(
             real = b.get("attention_mask")
             real = None if real is None else real.reshape(-1).bool()
             proj = None
-            for i in layers:
-                a = acts[i].reshape(-1, acts[i].shape[-1]).float()
+            found = {i: acts[i] for i in layers} | taps
+            for i, t in found.items():
+                a = t.reshape(-1, t.shape[-1]).float()
                 a = (a if real is None else a[real]).numpy()
                 if proj is None:  # one projection per batch, shared by every layer
                     proj = projection_rows(a.shape[0], SKETCH_DIMS, rng)
                 sketches.setdefault(i, ProfileSketch(a.shape[1], SKETCH_DIMS)).add(a, proj)
             progress("measuring co-activation", j + 1, len(batches))
+    for h in handles:
+        h.remove()
     return {i: sk.features() for i, sk in sketches.items()}
 
 
@@ -113,7 +143,7 @@ def convert(model, cfg: ConvertConfig, progress: Progress = null_progress, token
     import torch
 
     from d2d import arch
-    from d2d.cluster import balanced_kmeans, permutation_from_labels
+    from d2d.nn.projection import projection_mlps
     from d2d.nn.structure import build_structure, moe_layers
 
     if moe_layers(model):
@@ -123,18 +153,24 @@ def convert(model, cfg: ConvertConfig, progress: Progress = null_progress, token
     layers = parse_layers(cfg.layers, len(blocks))
     width = arch.read_ffn(blocks[0], fam).w_in.shape[0]
     n_experts = resolve_n_experts(width, cfg)
+    mlps = {}
+    if cfg.attention:
+        mlps = {f"{i}_{n}": m for (i, n), m in projection_mlps(model).items()}
+    counts = _projection_experts(mlps, cfg.attention_expert_size or cfg.expert_size)
     profiles = None  # one expert, or one neuron per expert: nothing to group
-    if cfg.clustering == "coactivation" and n_experts not in (1, width):
-        profiles = coactivation_features(model, tokenizer, cfg, layers, progress)
+    if cfg.clustering == "coactivation":  # one pass for the FFNs and the projections
+        ffn = layers if n_experts not in (1, width) else []
+        grouped = {k: m for k, m in mlps.items() if counts[k] not in (1, m.fc1.out_features)}
+        if ffn or grouped:
+            profiles = coactivation_features(model, tokenizer, cfg, ffn, progress, grouped)
     made = build_structure(model, layers, n_experts)
     with torch.no_grad():
         for j, (i, (moe, w)) in enumerate(made.items()):
-            if profiles is not None:
+            if profiles is not None and i in profiles:
                 keys = profiles[i]
             else:
                 keys = (w.w_gate if w.w_gate is not None else w.w_in).float().cpu().numpy()
-            labels = balanced_kmeans(keys, n_experts, seed=cfg.seed + i)
-            perm = torch.from_numpy(permutation_from_labels(labels)).to(w.w_in.device)
+            perm = _grouping(keys, n_experts, cfg.seed + i, w.w_in.device)
             moe.w_in.copy_(w.w_in[perm])
             moe.w_out.copy_(w.w_out[:, perm].t())
             if moe.w_gate is not None:
@@ -147,7 +183,63 @@ def convert(model, cfg: ConvertConfig, progress: Progress = null_progress, token
                 moe.b_out.copy_(w.b_out)
             moe.perm.copy_(perm)
             progress("clustering FFN neurons", j + 1, len(made))
-    return {"layers": layers, "n_experts": n_experts, "expert_size": moe.expert_size}
+    structure = {"layers": layers, "n_experts": n_experts, "expert_size": moe.expert_size}
+    if counts:
+        convert_projections(model, counts, cfg.seed, profiles or {}, progress)
+        structure["projections"] = counts
+    return structure
+
+
+def _grouping(keys, n_experts: int, seed: int, device):
+    """The neuron permutation that makes each expert a contiguous block: balanced k-means of
+    the rows of `keys` [f, dims] into `n_experts` groups."""
+    import torch
+
+    from d2d.cluster import balanced_kmeans, permutation_from_labels
+
+    labels = balanced_kmeans(keys, n_experts, seed=seed)
+    return torch.from_numpy(permutation_from_labels(labels)).to(device)
+
+
+def _projection_experts(mlps: dict, size: int) -> dict[str, int]:
+    """{key: experts} for projection MLPs split into experts of `size` neurons."""
+    counts = {}
+    for k, m in mlps.items():
+        hidden = m.fc1.out_features
+        if hidden % size:
+            raise D2DError(
+                f"expert size {size} does not divide the {hidden}-neuron MLP of projection "
+                f"{k}: choose a divisor of {hidden} (--attention-expert-size)"
+            )
+        counts[k] = hidden // size
+    return counts
+
+
+def convert_projections(
+    model, counts: dict[str, int], seed: int, profiles: dict, progress: Progress = null_progress
+) -> None:
+    """Split the attention projection MLPs (d2d attention-mlp) named in `counts` into that
+    many experts each, neurons grouped by balanced k-means on their co-activation profiles
+    where `profiles` has them, else on the MLP's first-layer rows."""
+    import torch
+
+    from d2d.nn.structure import build_projection_structure
+
+    made = build_projection_structure(model, counts)
+    with torch.no_grad():
+        for j, (k, (moe, mlp)) in enumerate(made.items()):
+            w1 = mlp.fc1.weight
+            if counts[k] in (1, w1.shape[0]):  # one expert, or one neuron each
+                perm = torch.arange(w1.shape[0], device=w1.device)
+            else:
+                keys = profiles[k] if k in profiles else w1.float().cpu().numpy()
+                perm = _grouping(keys, counts[k], seed + j, w1.device)
+            moe.w_in.copy_(w1[perm])
+            moe.b_in.copy_(mlp.fc1.bias[perm])
+            moe.w_out.copy_(mlp.fc2.weight[:, perm].t())
+            moe.b_out.copy_(mlp.fc2.bias)
+            moe.perm.copy_(perm)
+            progress("clustering projection MLP neurons", j + 1, len(made))
 
 
 def run(art, cfg: ConvertConfig, progress):
@@ -158,19 +250,34 @@ def run(art, cfg: ConvertConfig, progress):
         "expert_size": structure["expert_size"],
         "clustering": cfg.clustering,
     }
+    if structure.get("projections"):
+        metrics["converted_projections"] = len(structure["projections"])
+        metrics["attention_expert_size"] = cfg.attention_expert_size or cfg.expert_size
     return metrics, structure
 
 
 def replay(model, structure: dict) -> None:
-    from d2d.nn.structure import build_structure
+    from d2d.nn.structure import build_projection_structure, build_structure
 
     build_structure(model, structure["layers"], structure["n_experts"])
+    if structure.get("projections"):
+        build_projection_structure(model, structure["projections"])
 
 
 def summary(record: dict) -> str:
     m = record["metrics"]
     return (
         f"{m['converted_layers']} layers x {m['n_experts']} experts of {m['expert_size']} neurons"
+        + _projection_text(m)
+    )
+
+
+def _projection_text(m: dict) -> str:
+    if not m.get("converted_projections"):
+        return ""
+    return (
+        f"; {m['converted_projections']} attention projection MLPs in experts of "
+        f"{m['attention_expert_size']} neurons"
     )
 
 
@@ -179,6 +286,7 @@ def view(record: dict) -> list:
     return [
         f"convert: {m['converted_layers']} layers, {m['n_experts']} experts "
         f"of {m['expert_size']} neurons each, grouped by {m.get('clustering', 'weights')}"
+        + _projection_text(m)
     ]
 
 
@@ -196,6 +304,7 @@ def about(meta: dict) -> dict | None:
             "layers": st.get("layers"),
             "n_experts": st.get("n_experts"),
             "expert_size": (convert.get("metrics") or {}).get("expert_size"),
+            "projections": st.get("projections") or {},
             "routers": None
             if routers is None
             else {
@@ -217,11 +326,22 @@ def about_lines(described: dict) -> list[str]:
         routers = f"MLP hidden {r['hidden']}, mean held-out R^2 {r['mean_r2']:.3f}"
     else:
         routers = f"MLP hidden {r['hidden']}"
-    return [
+    proj = moe.get("projections") or {}
+    lines = [
         f"  experts: {len(moe['layers'] or [])} layers x {moe['n_experts']} experts of "
-        f"{moe['expert_size']} neurons ({w['experts_parameters'] / 1e6:.2f}M parameters); "
-        f"routers: {routers} ({w['routers_parameters'] / 1e6:.3f}M parameters)"
+        f"{moe['expert_size']} neurons ({w['experts_parameters'] / 1e6:.2f}M parameters"
+        f"{', attention projections included' if proj else ''}); routers: {routers} "
+        f"({w['routers_parameters'] / 1e6:.3f}M parameters)"
     ]
+    if proj:
+        names = sorted({k.partition("_")[2] for k in proj})
+        blocks = sorted({int(k.partition("_")[0]) for k in proj})
+        counts = sorted(set(proj.values()))
+        lines.append(
+            f"  attention projections as experts: {', '.join(names)} in {len(blocks)} blocks, "
+            f"{'/'.join(map(str, counts))} experts each"
+        )
+    return lines
 
 
 STAGE = Stage(

@@ -104,7 +104,11 @@ def run(art, cfg: EvalConfig, progress):
     else:
         policy = chosen_policy(art, cfg.tau)
     ev = Evaluator.of(art.model, art.tokenizer, cfg, "heldout")
-    runs = [("dense", {"rule": "all"}, "dense model")]
+    from d2d.nn.projection import replacement_bytes
+
+    # attention projections replaced by MLPs: every expert is those MLPs, not the model before
+    dense_name = "dense (projections as MLPs)" if replacement_bytes(art.model) else "dense"
+    runs = [(dense_name, {"rule": "all"}, "dense model")]
     blocks = mod_blocks(art.model)
     if blocks:  # routed blocks: the top-k choice and the causal decision
         runs += [
@@ -130,6 +134,7 @@ def run(art, cfg: EvalConfig, progress):
                 "seconds": time.perf_counter() - t0,
                 "layer_fractions": m.layer_fractions,
                 **({"depth": m.depth} if m.depth else {}),
+                **({} if m.routed_fraction is None else {"routed_fraction": m.routed_fraction}),
             }
         )
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
@@ -283,8 +288,10 @@ def view(record: dict) -> list:
     if m.get("mod"):
         routing.append(f"MoD capacity {m['mod']['capacity']:g}")
     depth = any("depth" in r for r in m["rows"])
-    cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs", "model FLOPs"]
-    cols += ["blocks run", "causal accuracy"] if depth else []
+    routed = any("routed_fraction" in r for r in m["rows"])  # attention projections converted
+    cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs"]
+    cols += ["converted layers' FLOPs"] if routed else []
+    cols += ["model FLOPs"] + (["blocks run", "causal accuracy"] if depth else [])
     t = Table(f"held-out evaluation ({m['tokens']} tokens), {', '.join(routing)}", cols)
     for r in m["rows"]:
         d = r.get("depth") or {}
@@ -295,6 +302,7 @@ def view(record: dict) -> list:
             f"{r['quality']:.4g}",
             change(r["drop"]),
             pct(r["ffn_fraction"]),
+            *([pct(r.get("routed_fraction", 1.0))] if routed else []),
             pct(r["model_fraction"]),
             *(extra if depth else []),
         )
