@@ -155,6 +155,14 @@ Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& tok, const 
   return y;
 }
 
+// the dot product of two rows of n floats
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
 static inline float activate(float v, int64_t act) {
   switch (act) {
     case 0: return v / (1.f + std::exp(-v));  // SiLU
@@ -309,18 +317,10 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
       } else {
         for (int64_t j = j0; j < j1; ++j) {
           if (gated) {
-            const float* rg = Wg + j * d;
-            float g = 0.f;
-#pragma omp simd reduction(+ : g)
-            for (int64_t c = 0; c < d; ++c) g += rg[c] * xk[c];
-            a[j] = activate(g + (BG ? BG[j] : 0.f), act);
+            a[j] = activate(dot(Wg + j * d, xk.data(), d) + (BG ? BG[j] : 0.f), act);
             if (kind == 2) continue;  // up only for the experts that run
           }
-          const float* ri = Wi + j * d;
-          float u = 0.f;
-#pragma omp simd reduction(+ : u)
-          for (int64_t c = 0; c < d; ++c) u += ri[c] * xk[c];
-          u += BI ? BI[j] : 0.f;
+          const float u = dot(Wi + j * d, xk.data(), d) + (BI ? BI[j] : 0.f);
           h[j] = gated ? a[j] * u : activate(u, act);
         }
       }
@@ -343,13 +343,8 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
       for (int64_t e = e0; e < e1; ++e) {
         Mt[e] = !(t_h > 0) || score[e] >= t_h || score[e] >= top;
         if (kind == 2 && Mt[e])
-          for (int64_t j = e * s; j < (e + 1) * s; ++j) {
-            const float* ri = Wi + j * d;
-            float u = 0.f;
-#pragma omp simd reduction(+ : u)
-            for (int64_t c = 0; c < d; ++c) u += ri[c] * xk[c];
-            h[j] = a[j] * (u + (BI ? BI[j] : 0.f));
-          }
+          for (int64_t j = e * s; j < (e + 1) * s; ++j)
+            h[j] = a[j] * (dot(Wi + j * d, xk.data(), d) + (BI ? BI[j] : 0.f));
       }
 #pragma omp barrier
       // 3. down projection of the running experts, this thread's output columns

@@ -216,7 +216,8 @@ class MoEFFN(nn.Module):
         if kind == "activation":
             return self.block_norm(h.float())
         if kind == "magnitude":
-            return self.block_norm(h.float() * self.neuron_weights().float())
+            nw = self._cached("neuron weights", self.neuron_weights, self.w_out)
+            return self.block_norm(h.float() * nw.float())
         if self.router is None:
             raise RuntimeError("this MoE layer has no router: run train-routers first")
         return self.router(x.to(self.router.fc1.weight.dtype))
@@ -238,17 +239,20 @@ class MoEFFN(nn.Module):
     # above this executed fraction the dense product beats the sparse kernel
     SPARSE_MAX_FRACTION = 0.8
 
+    def _fast_inference(self, x2: torch.Tensor) -> bool:
+        """The conditions every fast path shares: sparse execution asked for, nothing captured,
+        no autograd, no autocast."""
+        return (
+            self.execution == "sparse"
+            and self.capture is None
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x2.device.type)
+        )
+
     def _sparse_ok(self, x2: torch.Tensor) -> bool:
         """Whether this call may run only the selected experts (inference with router scores);
         False keeps the masked reference computation."""
-        if not (
-            self.execution == "sparse"
-            and self.capture is None
-            and self.policy.scores == "router"
-            and self.routes()
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x2.device.type)
-        ):
+        if not (self._fast_inference(x2) and self.policy.scores == "router" and self.routes()):
             return False
         if x2.device.type == "cuda":
             return True  # grouped_ffn
@@ -277,11 +281,8 @@ class MoEFFN(nn.Module):
             p.rule == "threshold"
             and p.scores in kernels.SCORE_CODES
             and (p.scores != "gate" or (self.gated and t_in == 0))
-            and self.execution == "sparse"
-            and self.capture is None
             and 0 < x2.shape[0] <= self.THRESHOLD_MAX_TOKENS
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x2.device.type)
+            and self._fast_inference(x2)
             and kernels.applies(x2, self.w_in, self.w_out)
             and kernels.act_code(self.act) >= 0
             and self.d_out == self.d_model
