@@ -212,8 +212,19 @@ def test_the_pipeline_routes_projections_saves_and_generates(model_dirs, text_di
     gen = art.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 11)
     ev = run_stage("eval", str(tmp_path / "cal"), EvalConfig(tokens=256, **small))
-    conv_row = ev["metrics"]["rows"][1]
-    assert conv_row["model_fraction"] < 1.5
+    dense_row, conv_row = ev["metrics"]["rows"]
+    assert dense_row["model"] == "dense (projections as MLPs)"
+    assert dense_row["routed_fraction"] == pytest.approx(1.0)
+    assert conv_row["routed_fraction"] < 1.0
+    # inspect names the converted projections; the report renders
+    from d2d_cli.main import app
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "cal")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "attention projections as experts: k, o, q, v in 2 blocks, 4/8 experts" in res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "cal"), "-o", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
 
 
 def test_bench_reference_runs_linear_projections_and_memory_counts_the_mlps():
@@ -236,3 +247,12 @@ def test_bench_reference_runs_linear_projections_and_memory_counts_the_mlps():
         assert isinstance(attn.k_proj, torch.nn.Linear) and attn.k_proj.weight.shape == (16, 32)
         assert outputs(model, ids).shape == (1, 6, 96)
     assert attn.k_proj is moe
+
+
+def test_report_heatmaps_take_projections_with_their_own_expert_counts():
+    from d2d.report import k_hist_figure, usage_figure
+
+    usage = {"1": [3, 1, 0, 2], "0_q": [1, 2], "0": [4, 0, 1, 1]}
+    k_hist = {"1": [0, 1, 2, 1, 0], "0_q": [1, 2, 1], "0": [0, 0, 3, 1, 0]}
+    for png in (usage_figure(usage, k_hist), k_hist_figure(k_hist)):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
