@@ -44,7 +44,11 @@ def test_minilm_converted_output_equals_dense():
         ref = art.model(**enc).last_hidden_state
     convert(art.model, ConvertConfig(n_experts=48))
     with torch.no_grad():
-        torch.testing.assert_close(art.model(**enc).last_hidden_state, ref)
+        out = art.model(**enc).last_hidden_state
+    # the real tokens (a padding position's output is no one's result: there, fp32's changed
+    # summation order over the permuted neurons showed 3e-5 on one CPU)
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(out[real], ref[real])
 
 
 @pytest.mark.slow
