@@ -98,19 +98,26 @@ def replace_projections(
     return out
 
 
-def projection_mlps(model: nn.Module) -> dict[tuple[int, str], ProjectionMLP]:
-    """Every replaced projection: {(layer, name): mlp}."""
+def projection_slots(model: nn.Module):
+    """(block index, name, block, path, module) of every attention projection the family's
+    table names and this model has, in block order."""
     fam = arch.detect(model)
-    out = {}
     for i, block in enumerate(arch.blocks(model, fam)):
         for name, path in fam.attention:
             try:
                 mod = arch.get_path(block, path)
             except AttributeError:
                 continue
-            if isinstance(mod, ProjectionMLP):
-                out[(i, name)] = mod
-    return out
+            yield i, name, block, path, mod
+
+
+def projection_mlps(model: nn.Module) -> dict[tuple[int, str], ProjectionMLP]:
+    """Every replaced projection: {(layer, name): mlp}."""
+    return {
+        (i, name): mod
+        for i, name, _, _, mod in projection_slots(model)
+        if isinstance(mod, ProjectionMLP)
+    }
 
 
 def extra_macs(model: nn.Module) -> dict[int, int]:
@@ -123,21 +130,15 @@ def extra_macs(model: nn.Module) -> dict[int, int]:
     return out
 
 
-def _replaced(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def replaced_projections(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(block, path, module) of every projection d2d replaced: by an MLP, or by experts."""
     from d2d.nn.moe import MoEFFN
 
-    fam = arch.detect(model)
-    out = []
-    for block in arch.blocks(model, fam):
-        for _, path in fam.attention:
-            try:
-                mod = arch.get_path(block, path)
-            except AttributeError:
-                continue
-            if isinstance(mod, (ProjectionMLP, MoEFFN)):
-                out.append((block, path, mod))
-    return out
+    return [
+        (block, path, mod)
+        for _, _, block, path, mod in projection_slots(model)
+        if isinstance(mod, (ProjectionMLP, MoEFFN))
+    ]
 
 
 def _shape(mod: nn.Module) -> tuple[int, int]:
@@ -149,7 +150,7 @@ def _shape(mod: nn.Module) -> tuple[int, int]:
 def replacement_bytes(model: nn.Module) -> int:
     """Bytes the replaced projections hold beyond the linear projections they replaced."""
     extra = 0
-    for _, _, mod in _replaced(model):
+    for _, _, mod in replaced_projections(model):
         d_in, d_out = _shape(mod)
         size = next(mod.parameters()).element_size()
         held = sum(  # routers are counted apart (bench's memory line)
@@ -166,7 +167,7 @@ def linear_projections(model: nn.Module):
     """Inside, every replaced projection is a linear layer of its original shape again, so
     that the model costs what the dense model did (bench times its dense reference so). The
     weights are random: the artifact no longer holds the originals; for timing only."""
-    found = _replaced(model)
+    found = replaced_projections(model)
     cache = model.__dict__.setdefault("_d2d_linear_projections", {})
     for block, path, mod in found:
         key = (id(block), path)

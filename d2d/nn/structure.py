@@ -12,6 +12,7 @@ from torch import nn
 from d2d import arch
 from d2d.errors import D2DError
 from d2d.nn.moe import MoEFFN, Router, RoutingContext
+from d2d.nn.projection import ProjectionMLP, projection_slots
 
 
 def moe_layers(model: nn.Module, kind: str = "all") -> dict[int | str, MoEFFN]:
@@ -19,20 +20,17 @@ def moe_layers(model: nn.Module, kind: str = "all") -> dict[int | str, MoEFFN]:
     attention projection under "<block>_<name>" (e.g. "3_q"). kind: "all", "ffn" or
     "attention"."""
     fam = arch.detect(model)
+    projections: dict[int, list] = {}  # block -> its converted projections, in table order
+    if kind != "ffn":
+        for i, name, _, _, mod in projection_slots(model):
+            if isinstance(mod, MoEFFN):
+                projections.setdefault(i, []).append((f"{i}_{name}", mod))
     out = {}
     for i, block in enumerate(arch.blocks(model, fam)):
         mod = arch.get_path(block, fam.slot)
         if isinstance(mod, MoEFFN) and kind in ("all", "ffn"):
             out[i] = mod
-        if kind == "ffn":
-            continue
-        for name, path in fam.attention:
-            try:
-                mod = arch.get_path(block, path)
-            except AttributeError:
-                continue
-            if isinstance(mod, MoEFFN):
-                out[f"{i}_{name}"] = mod
+        out.update(projections.get(i, ()))
     return out
 
 
@@ -130,8 +128,6 @@ def build_projection_structure(model: nn.Module, n_experts: dict[str, int]) -> d
     """Replace each projection MLP named in `n_experts` ("<block>_<name>" -> experts) by an
     empty MoEFFN of the right shape (a ReLU MLP d_in -> hidden -> d_out split into experts).
     Returns {key: (moe, mlp)}. Used by `convert` and by `d2d.load`."""
-    from d2d.nn.projection import ProjectionMLP
-
     fam = arch.detect(model)
     blist = arch.blocks(model, fam)
     paths = dict(fam.attention)

@@ -104,10 +104,10 @@ def run(art, cfg: EvalConfig, progress):
     else:
         policy = chosen_policy(art, cfg.tau)
     ev = Evaluator.of(art.model, art.tokenizer, cfg, "heldout")
-    from d2d.nn.projection import replacement_bytes
+    from d2d.nn.projection import replaced_projections
 
     # attention projections replaced by MLPs: every expert is those MLPs, not the model before
-    dense_name = "dense (projections as MLPs)" if replacement_bytes(art.model) else "dense"
+    dense_name = "dense (projections as MLPs)" if replaced_projections(art.model) else "dense"
     runs = [(dense_name, {"rule": "all"}, "dense model")]
     blocks = mod_blocks(art.model)
     if blocks:  # routed blocks: the top-k choice and the causal decision
