@@ -394,3 +394,78 @@ def test_depth_only_policy_on_a_converted_model_without_routers():
     with pytest.raises(D2DError, match="no routers"):
         with routing(m, {"rule": "tau", "tau": 0.1}):
             pass
+
+
+KEEP_KV = ["block", "attention"]
+
+
+@pytest.mark.parametrize("skip", KEEP_KV)
+def test_keep_kv_at_capacity_one_equals_dense(skip):
+    dense = llama()
+    m = llama()
+    insert_mod(m, [1, 3], capacity=1.0, skip=skip, keep_kv=True)
+    ids = torch.randint(1, 96, (2, 12))
+    torch.testing.assert_close(logits(m, input_ids=ids), logits(dense, input_ids=ids))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0  # left padding: real tokens must agree
+    got = logits(m, input_ids=ids, attention_mask=am)
+    want = logits(dense, input_ids=ids, attention_mask=am)
+    torch.testing.assert_close(got[am.bool()], want[am.bool()])
+
+
+@pytest.mark.parametrize("skip", KEEP_KV)
+def test_keep_kv_skipped_tokens_stay_visible_as_keys(skip):
+    """keep_kv is exactly: the block's attention over every token's keys, its update (and, for
+    skip "block", the MLP's) kept for the chosen tokens only; and the cache holds every token."""
+    m = llama(layers=2)
+    (blk,) = insert_mod(m, [1], capacity=0.4, skip=skip, keep_kv=True).values()
+    randomise_routers(m)
+    seen = {}
+    blk.register_forward_hook(
+        lambda mod, a, kw, y: seen.update(x=(a[0] if a else kw["hidden_states"]).clone(), y=y),
+        with_kwargs=True,
+    )
+    ids = torch.randint(1, 96, (1, 10))
+    with torch.no_grad():
+        res = m(input_ids=ids, use_cache=True)
+        x, inner = seen["x"], blk.block
+        pe = m.model.rotary_emb(x, torch.arange(10)[None])
+        a = inner.self_attn(hidden_states=inner.input_layernorm(x), position_embeddings=pe,
+                            attention_mask=None)[0]  # fmt: skip
+        chosen = blk.last_choice[0][None, :, None].to(x.dtype)
+        g = 2 * torch.sigmoid(blk.last_logits)[..., None]
+        if skip == "attention":
+            h = x + chosen * g * a
+            want = h + inner.mlp(inner.post_attention_layernorm(h))
+        else:
+            upd = a + inner.mlp(inner.post_attention_layernorm(x + a))
+            want = x + chosen * g * upd
+    assert 0 < int(blk.last_choice.sum()) < 10
+    torch.testing.assert_close(seen["y"], want, rtol=1e-5, atol=1e-5)
+    assert res["cache"].get_seq_length(1) == 10  # every token wrote its key and value
+
+
+@pytest.mark.parametrize("skip", KEEP_KV)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_keep_kv_prefill_equals_step_decoding(skip, batch):
+    m = llama(seed=1)
+    insert_mod(m, [1, 3], capacity=0.5, skip=skip, keep_kv=True)
+    randomise_routers(m, seed=3)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    full = logits(m, input_ids=ids)
+    steps, cache = stepwise(m, ids, 4)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length(1) == cache.get_seq_length(3) == 9
+    assert not torch.allclose(full, logits(llama(seed=1), input_ids=ids), atol=1e-4)
+
+
+def test_keep_kv_refuses_what_it_cannot_compute():
+    from d2d.errors import D2DError
+
+    with pytest.raises(D2DError, match="--keep-kv needs --skip block or attention"):
+        insert_mod(llama(), [1], capacity=0.5, skip="mlp", keep_kv=True)
+    m = llama()
+    m.model.layers[1].self_attn.sliding_window = 4
+    with pytest.raises(D2DError, match="no sliding window"):
+        insert_mod(m, [1], capacity=0.5, skip="attention", keep_kv=True)

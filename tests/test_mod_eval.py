@@ -122,6 +122,27 @@ def test_flops_of_each_skip_kind_by_hand():
         assert got.attention == pytest.approx(2.0 * attn)
 
 
+def test_flops_of_keep_kv_by_hand():
+    """keep_kv: f of the q and o projections, k and v for every token, f of the scores (the
+    chosen queries see every key); skip "block" also f of the FFN."""
+    from d2d.measure.flops import _attention_macs, _kv_macs
+
+    for skip in ("attention", "block"):
+        m = llama(layers=4)
+        insert_mod(m, [1, 3], capacity=0.5, skip=skip, keep_kv=True)
+        proj, scores = _attention_macs(m, 64, True)
+        cfg = m.config
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        kv = 2 * cfg.hidden_size * cfg.num_key_value_heads * hd
+        assert _kv_macs(m) == kv and 0 < kv < proj
+        ffn = dense_ffn_macs(m)
+        got = converted_flops(m, 64, True, {}, {1: 0.5, 3: 0.25})
+        routed = sum(f * (proj - kv) + kv + f * scores for f in (0.5, 0.25))
+        assert got.attention == pytest.approx(2.0 * (2 * (proj + scores) + routed))
+        f_ffn = 2.0 * (ffn[0] + ffn[2] + 0.5 * ffn[1] + 0.25 * ffn[3])
+        assert got.ffn == pytest.approx(f_ffn if skip == "block" else 2.0 * sum(ffn))
+
+
 def test_depth_policy_is_validated_and_restored():
     m = llama(layers=2)
     insert_mod(m, [1], capacity=0.5)

@@ -113,6 +113,28 @@ def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
     assert res.exit_code == 0 and "skipping the attention" in res.output
 
 
+def test_keep_kv_trains_records_and_replays(model_dirs, tmp_path):
+    out = tmp_path / "m"
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--skip", "block"]
+    args += ["--keep-kv", "--routing", "threshold", "--freeze-base", "--distill"]
+    res = runner.invoke(app, args + FAST[:-2] + ["--steps", "6"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "d2d.json").read_text())
+    assert meta["stages"][-1]["structure"]["keep_kv"] is True
+    model = d2d.load(out)
+    assert mod_blocks(model)[1].keep_kv
+    ids = torch.randint(1, 96, (1, 6))
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        b = d2d.load(out).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "keys and values kept" in res.output
+    bad = runner.invoke(app, [*args[:6], "--skip", "mlp", "--keep-kv"])
+    assert bad.exit_code != 0 and "--keep-kv is for --skip block or attention" in bad.output
+    assert "Traceback" not in bad.output
+
+
 def test_threshold_routing_trains_replays_and_agrees_with_itself(model_dirs, tmp_path):
     out = tmp_path / "m"
     args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--routing", "threshold"]

@@ -8,7 +8,9 @@ Mixture-of-Depths: a routed block that processes a fraction f of the tokens cost
 projections and FFN, and about f^2 of its attention scores (chosen tokens attend to chosen tokens
 only); its router (and causal predictor, when it decides) runs on every token. A block that
 routes only its attention (skip "attention") counts f for the attention part and its whole FFN;
-one that routes only its MLP (skip "mlp"), its whole attention and f of its FFN.
+one that routes only its MLP (skip "mlp"), its whole attention and f of its FFN. With keep_kv
+the k and v projections run for every token and the chosen queries attend to every key: f of
+the q and o projections, all of k and v, and f of the scores.
 
 Attention projections replaced by MLPs (d2d.nn.projection) cost their MLP's multiply-adds
 instead of the projection's, every neuron counted; once split into experts (convert), the
@@ -74,6 +76,14 @@ def _attention_macs(model: nn.Module, seq_len: int, causal: bool) -> tuple[float
     return d * heads * hd * 2 + 2 * d * kv * hd, 2 * heads * hd * ctx
 
 
+def _kv_macs(model: nn.Module) -> int:
+    """One block's k and v projection MACs per token."""
+    d = _cfg(model, "hidden_size", "n_embd")
+    heads = _cfg(model, "num_attention_heads", "n_head")
+    kv = _cfg(model, "num_key_value_heads", default=heads)
+    return 2 * d * kv * _cfg(model, "head_dim", default=d // heads)
+
+
 def _head_macs(model: nn.Module, causal: bool) -> int:
     """The LM head's MACs per token (decoders only)."""
     return _cfg(model, "hidden_size", "n_embd") * _cfg(model, "vocab_size") if causal else 0
@@ -100,6 +110,7 @@ def converted_flops(
     moes, blocks = moe_layers(model), mod_blocks(model)
     processed = processed or {}
     proj, scores = _attention_macs(model, seq_len, causal)
+    kv = _kv_macs(model)
     mlp_extra = extra_macs(model)  # attention projections replaced by MLPs (every neuron run)
     for k, m in moes.items():  # and those split into experts, at what they executed
         if isinstance(k, str):
@@ -108,13 +119,16 @@ def converted_flops(
     attn = ffn = routers = 0.0
     for i, macs in enumerate(dense_ffn_macs(model)):
         f_attn = f_ffn = 1.0  # the shares of tokens the sub-layers process
+        f_keys = 1.0  # the share of tokens whose keys and values a query sees
         if i in blocks:
             f = processed.get(i, 1.0)
             skip = blocks[i].skip
             f_attn = f if skip in ("block", "attention") else 1.0
             f_ffn = f if skip in ("block", "mlp") else 1.0
+            f_keys = 1.0 if blocks[i].keep_kv else f_attn
             routers += blocks[i].router_macs()
-        attn += f_attn * (proj + mlp_extra.get(i, 0)) + f_attn * f_attn * scores
+        always = (1.0 - f_attn) * kv if f_keys > f_attn else 0.0  # k, v of skipped tokens
+        attn += f_attn * (proj + mlp_extra.get(i, 0)) + always + f_attn * f_keys * scores
         m = moes.get(i)
         if m is None:
             ffn += f_ffn * macs

@@ -279,16 +279,29 @@ def magnitude_table(
 
 
 @torch.no_grad()
-def teal_thresholds(sens, keep: float) -> tuple[dict[int, float], dict[int, float]]:
-    """TEAL-style thresholds at one share `keep` for every matrix of every layer: the input's
-    |x| quantile (gate and up), then |h|'s on the kept input (down). Returns (input, unit)."""
+def split_thresholds(
+    sens, input_keep: float, unit_keep: float, weighted: bool = False
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Thresholds that keep the share `input_keep` of every layer's FFN input (gate and up read
+    those entries' weights) and then the share `unit_keep` of the units by their activation on
+    the kept input (|h|; `weighted`: |h| x the norm of the unit's down row, the exact-magnitude
+    rule's score). Returns (input, unit) thresholds per layer."""
     t_in, t_unit = {}, {}
     for i, m in sens.moes.items():
         s = _sample(sens, i)
-        t_in[i] = quantile(s.x.abs()[s.free], 1 - keep) if keep < 1 else 0.0
-        act = m.block_norm(m.hidden(s.kept_input(t_in[i])[0]).float())
-        t_unit[i] = quantile(act[s.free], 1 - keep) if keep < 1 else 0.0
+        t_in[i] = quantile(s.x.abs()[s.free], 1 - input_keep) if input_keep < 1 else 0.0
+        h = m.hidden(s.kept_input(t_in[i])[0]).float()
+        if weighted:
+            h = h * m.neuron_weights().float()
+        act = m.block_norm(h)
+        t_unit[i] = quantile(act[s.free], 1 - unit_keep) if unit_keep < 1 else 0.0
     return t_in, t_unit
+
+
+def teal_thresholds(sens, keep: float) -> tuple[dict[int, float], dict[int, float]]:
+    """TEAL-style thresholds at one share `keep` for every matrix of every layer: the input's
+    |x| quantile (gate and up), then |h|'s on the kept input (down). Returns (input, unit)."""
+    return split_thresholds(sens, keep, keep)
 
 
 @torch.no_grad()
@@ -334,8 +347,9 @@ def depth_sensitivity(
     skips, for all but a share `capacity` of each sequence's tokens, what `skip` names (the
     whole block, its attention or its MLP). The tokens kept are those whose update is largest
     (the choice a router can at best learn), so the figure is the block's cost of skipping, not
-    a router's. Attention-skipped tokens stay visible to later ones here (an upper bound on what
-    the block keeps). Returns {block: loss increase in nats}."""
+    a router's. Skipped tokens stay visible to later ones as keys here: exactly what a block with
+    keep_kv does, an upper bound on what one without it keeps. Returns {block: loss increase in
+    nats}."""
     from d2d import arch
     from d2d.train import next_token_loss
 

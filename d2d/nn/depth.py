@@ -28,6 +28,12 @@ What a routed block skips (`skip`):
 The update of the part that is routed is scaled by g(r). "attention" and "mlp" need blocks of
 the LLaMA layout (input_layernorm, self_attn, post_attention_layernorm, mlp).
 
+`keep_kv` ("block" and "attention"): a skipped token still writes its key and value in the
+block (the cheap k and v projections run for every token), so later tokens keep the whole
+context there; it skips its query, its attention scores, the output projection (and, for
+"block", the MLP). FlexiDepth (2503.23798) preserves the KV cache this way. The KV cache then
+holds every token in every block: no placeholders, and batch decoding stays uniform.
+
 Chosen tokens keep their original positions (their rotary embeddings are gathered, not
 recomputed) and attend causally to the chosen tokens of the same block only. With a KV cache a
 skipped token writes no entry in that block; where the rows of a batch decide differently, the
@@ -44,6 +50,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from d2d import arch
@@ -57,6 +64,46 @@ SKIPS = ("block", "attention", "mlp")
 # the policy's modes, and the training mode of threshold routing
 MODES = (*DEPTH_MODES, "threshold")
 _LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def _check_keep_kv(block: nn.Module, skip: str) -> None:
+    """keep_kv computes the attention itself: LLaMA-style attention only (separate q, k, v, o
+    projections, rotary embeddings of the rotate-half form, no sliding window or soft-capping)."""
+    attn = getattr(block, "self_attn", None)
+    ok = (
+        skip in ("block", "attention")
+        and attn is not None
+        and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+        and all(hasattr(block, n) for n in _LLAMA_LAYOUT)
+        and getattr(attn, "sliding_window", None) is None
+        and getattr(getattr(attn, "config", None), "attn_logit_softcapping", None) is None
+        and not hasattr(block, "pre_feedforward_layernorm")
+    )
+    if not ok:
+        raise D2DError(
+            f"--keep-kv needs --skip block or attention on LLaMA-style attention (q_proj, "
+            f"k_proj, v_proj, o_proj, no sliding window), not --skip {skip} on "
+            f"{type(block).__name__}: leave --keep-kv out"
+        )
+
+
+def _heads(attn: nn.Module, which: str, y: torch.Tensor, hd: int) -> torch.Tensor:
+    """[B, T, H*hd] projections -> [B, H, T, hd], through the attention's per-head norm where
+    it has one (q_norm / k_norm: Qwen3, OLMo2-style)."""
+    b, t = y.shape[:2]
+    y = y.view(b, t, -1, hd)
+    norm = getattr(attn, f"{which}_norm", None)
+    if norm is not None:
+        y = norm(y)
+    return y.transpose(1, 2)
+
+
+def _rotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of [B, H, T, hd] with [B, T, hd] cos / sin."""
+    cos, sin = cos[:, None].to(y.dtype), sin[:, None].to(y.dtype)
+    h = y.shape[-1] // 2
+    rot = torch.cat((-y[..., h:], y[..., :h]), dim=-1)
+    return y * cos + rot * sin
 
 
 def _taken(choice: torch.Tensor, forced: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
@@ -75,6 +122,7 @@ class MoDBlock(nn.Module):
         context: RoutingContext,
         sink: int = 0,
         skip: str = "block",
+        keep_kv: bool = False,
     ):
         super().__init__()
         if skip not in SKIPS:
@@ -88,7 +136,9 @@ class MoDBlock(nn.Module):
                 f"self_attn, post_attention_layernorm, mlp), not {type(block).__name__}: "
                 "use --skip block"
             )
-        self.sink, self.skip = sink, skip
+        if keep_kv:
+            _check_keep_kv(block, skip)
+        self.sink, self.skip, self.keep_kv = sink, skip, keep_kv
         # compute only for the rows that take a token: skip "mlp", the chosen (row, token)
         # pairs; "block" and "attention" at a decoding step, the rows that take it, on their
         # rows of the KV cache (False: pad rows with placeholders; kept for the equivalence test)
@@ -222,6 +272,8 @@ class MoDBlock(nn.Module):
         self.last_causal, self.last_real = causal, real
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
+        if self.keep_kv:
+            return self._keep_kv(x, choice, r, k, attention_mask, position_embeddings, cache, kw)
         if k == 0:  # nothing to process: no work and no cache entry in this block
             return self._after(x)
         kv = self.skip != "mlp"  # whether the routed part writes this block's KV entries
@@ -268,6 +320,55 @@ class MoDBlock(nn.Module):
         g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None]
         upd = (g * ups) * valid[:, :, None].to(x.dtype)
         return self._after(x.scatter_add(1, gather.expand(-1, -1, x.shape[-1]), upd))
+
+    def _keep_kv(self, x, choice, r, k, mask, pe, cache, kw) -> torch.Tensor:
+        """Every token writes its key and value; the k chosen tokens of each row (placeholders
+        where a row has fewer) compute their query, attend to every earlier key, and take the
+        output projection (and, skipping whole blocks, the MLP)."""
+        attn = self.block.self_attn
+        b, t, d = x.shape
+        hd = attn.head_dim
+        cos, sin = pe
+        hn = self.block.input_layernorm(x)
+        keys = _heads(attn, "k", attn.k_proj(hn), hd)
+        vals = attn.v_proj(hn).view(b, t, -1, hd).transpose(1, 2)
+        keys = _rotate(keys, cos, sin)
+        if cache is not None:
+            keys, vals = cache.update(keys, vals, self.layer_idx)
+        if k == 0:  # no query in this block: the keys and values are all it adds
+            return self._after(x)
+        per_row = choice.sum(-1)
+        ar = torch.arange(t, device=x.device)
+        idx = torch.sort(torch.where(choice, ar, t + ar), dim=-1).values[:, :k]
+        valid = torch.arange(k, device=x.device)[None, :] < per_row[:, None]  # [B, k]
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        gather = idx[:, :, None]
+        q = attn.q_proj(hn.gather(1, gather.expand(-1, -1, d)))
+        q = _heads(attn, "q", q, hd)
+        cg = cos.expand(b, -1, -1).gather(1, gather.expand(-1, -1, cos.shape[-1]))
+        sg = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
+        q = _rotate(q, cg, sg)
+        past = keys.shape[-2] - t  # cached entries before this forward's tokens
+        if torch.is_tensor(mask) and mask.dim() == 4:  # the model's own (padding) mask, rows
+            m = mask.expand(b, -1, -1, -1)
+            allowed = m.gather(2, gather[:, None].expand(-1, m.shape[1], -1, m.shape[-1]))
+            if allowed.dtype != torch.bool:
+                allowed = allowed == 0
+        else:  # causal over positions: every key is a real token
+            kpos = torch.arange(keys.shape[-2], device=x.device)
+            allowed = (kpos[None, None, :] <= (past + idx)[:, :, None])[:, None]
+        allowed = allowed | ~valid[:, None, :, None]  # placeholder queries: output dropped
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=allowed, scale=attn.scaling,
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )  # fmt: skip
+        upd = attn.o_proj(out.transpose(1, 2).reshape(b, k, -1))
+        if self.skip == "block":
+            h = x.gather(1, gather.expand(-1, -1, d)) + upd
+            upd = upd + self.block.mlp(self.block.post_attention_layernorm(h))
+        g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None].to(x.dtype)
+        upd = (g * upd) * valid[:, :, None].to(x.dtype)
+        return self._after(x.scatter_add(1, gather.expand(-1, -1, d), upd))
 
     def _rows_cache(self, cache):
         """This block's layer of a cache whose rows can be selected (a DynamicCache layer that
@@ -446,7 +547,12 @@ def routed_layers(n_layers: int, every: int, layers: str | None) -> list[int]:
 
 
 def insert_mod(
-    model: nn.Module, layers: list[int], capacity: float, sink: int = 0, skip: str = "block"
+    model: nn.Module,
+    layers: list[int],
+    capacity: float,
+    sink: int = 0,
+    skip: str = "block",
+    keep_kv: bool = False,
 ) -> dict[int, MoDBlock]:
     """Put a router in front of the given decoder blocks (structure only; routers start at 0)."""
     if not 0.0 < capacity <= 1.0:
@@ -466,7 +572,7 @@ def insert_mod(
         if isinstance(parent[i], MoDBlock):
             raise D2DError(f"block {i} already has a Mixture-of-Depths router")
         w = next(parent[i].parameters())
-        block = MoDBlock(parent[i], d, capacity, ctx, sink, skip)
+        block = MoDBlock(parent[i], d, capacity, ctx, sink, skip, keep_kv)
         parent[i] = block.to(device=w.device, dtype=w.dtype)
         out[i] = parent[i]
     return out

@@ -44,6 +44,14 @@ class ModConfig(DistillFields):
             "it), attention (the attention sub-layer; the MLP runs) or mlp (the reverse)."
         },
     )
+    keep_kv: bool = field(
+        default=False,
+        metadata={
+            "help": "With --skip block or attention: a skipped token still writes its key and "
+            "value in the block (k and v run for every token), so later tokens keep the whole "
+            "context; it skips its query, scores, output projection (and MLP for block)."
+        },
+    )
     sink: int = field(
         default=1,
         metadata={"help": "Leading positions every routed block processes (attention sink)."},
@@ -106,6 +114,8 @@ class ModConfig(DistillFields):
         one_of("predictor", self.predictor, PREDICTORS)
         one_of("routing", self.routing, ("topk", "threshold"))
         one_of("skip", self.skip, ("block", "attention", "mlp"))  # d2d.nn.depth.SKIPS
+        if self.keep_kv and self.skip == "mlp":
+            raise D2DError("--keep-kv is for --skip block or attention (mlp keeps every KV entry)")
         if not self.router_lr > 0:
             raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
         super().__post_init__()
@@ -224,7 +234,7 @@ def run(art, cfg: ModConfig, progress, out=None):
     if cfg.freeze_base:  # the routers and predictors inserted below are new and train
         model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    insert_mod(model, layers, 1.0, cfg.sink, cfg.skip)
+    insert_mod(model, layers, 1.0, cfg.sink, cfg.skip, cfg.keep_kv)
     hidden = None
     predictor = "threshold" if cfg.routing == "threshold" else cfg.predictor
     for b in mod_blocks(model).values():
@@ -265,6 +275,7 @@ def run(art, cfg: ModConfig, progress, out=None):
         "capacity": cfg.capacity,
         "sink": cfg.sink,
         "skip": cfg.skip,
+        "keep_kv": cfg.keep_kv,
         "predictor": predictor,
         "hidden": hidden,
     }
@@ -359,6 +370,7 @@ def replay(model, structure: dict) -> None:
         structure["capacity"],
         structure.get("sink", 0),
         structure.get("skip", "block"),
+        structure.get("keep_kv", False),
     )
     for b in blocks.values():
         if structure.get("predictor") == "mlp":
@@ -371,9 +383,10 @@ def replay(model, structure: dict) -> None:
 def summary(record: dict) -> str:
     m, st = record["metrics"], record.get("structure") or {}
     tk, ca = m["topk"], m["causal"]
+    kept = ", keys and values kept" if st.get("keep_kv") else ""
     return (
         f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}, "
-        f"skipping the {st.get('skip', 'block')}); "
+        f"skipping the {st.get('skip', 'block')}{kept}); "
         f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
         f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
     )
@@ -420,7 +433,7 @@ def about(meta: dict) -> dict | None:
     if mod is None:
         return None
     st = mod.get("structure") or {}
-    keys = ("layers", "capacity", "sink", "skip", "predictor", "hidden")
+    keys = ("layers", "capacity", "sink", "skip", "keep_kv", "predictor", "hidden")
     return {"mod": {k: st.get(k) for k in keys}}
 
 
@@ -433,7 +446,9 @@ def about_lines(described: dict) -> list[str]:
     )
     return [
         f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
-        f"(skipping the {mod.get('skip') or 'block'}) at capacity {mod['capacity']:g} (top-k), "
+        f"(skipping the {mod.get('skip') or 'block'}"
+        f"{', keys and values kept' if mod.get('keep_kv') else ''}) at capacity "
+        f"{mod['capacity']:g} (top-k), "
         f"sink {mod.get('sink') or 0}; generation "
         f"decides causally ({pred})"
     ]
