@@ -134,6 +134,7 @@ def test_flops_of_each_score_kind_by_hand():
 
 def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
     from d2d.stages import CalibrateConfig, run_stage
+    from d2d.stages.calibrate import SPLIT_STEPS
 
     conv = tmp_path / "c"
     run_stage("convert", model_dirs["gated"], ConvertConfig(expert_size=1), conv)
@@ -144,8 +145,12 @@ def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
     rec = run_stage("calibrate", str(conv), cfg, tmp_path / "k")
     rows = rec.meta["calibration"]["rows"]
     names = {(r["rule"], r.get("budget")) for r in rows}
-    for rule in ("per-layer-magnitude", "teal-style", "cats-style"):
+    for rule in ("per-layer-magnitude", "split-magnitude", "teal-style", "cats-style"):
         assert (rule, 0.8) in names and (rule, 0.5) in names
+    split = [r for r in rows if r["rule"] == "split-magnitude"]
+    for r in split:  # the best of the tried splits, at about its budget
+        assert r["policy"]["input_share"] in {min(1.0, r["budget"] + s) for s in SPLIT_STEPS}
+        assert r["ffn_fraction"] == pytest.approx(r["budget"], abs=0.1)
     for r in rows[1:]:
         assert r["ffn_fraction"] < 1.0  # each of them skips work
     teal = {r["budget"]: r["ffn_fraction"] for r in rows if r["rule"] == "teal-style"}
@@ -153,6 +158,44 @@ def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
     from d2d import load
 
     load(tmp_path / "k")  # the chosen router-free policy routes the loaded model
+
+
+def sensitivity_of(m, n=256):
+    """A Sensitivity of captured inputs (random tokens; no gradients needed here)."""
+    from d2d.measure.sensitivity import Sensitivity
+
+    moes = moe_layers(m)
+    caps = {}
+    for i, lay in moes.items():
+        lay.capture = lambda x, h, i=i: caps.setdefault(i, (x.detach().float(), None, None))
+    with torch.no_grad():
+        m(input_ids=torch.randint(1, 96, (4, n // 4), generator=torch.Generator().manual_seed(0)))
+    for lay in moes.values():
+        lay.capture = None
+    return Sensitivity(moes, caps, {i: None for i in moes}, 0, "router")
+
+
+def test_split_shares_and_thresholds_by_hand():
+    """unit_share: what is left of the budget after gate and up read a share of the input;
+    split_thresholds keep those shares of the calibration tokens' input and units."""
+    from d2d.measure.sensitivity import split_thresholds, unit_share
+    from d2d.stages.calibrate import split_policies
+
+    m = single()
+    layer = moe_layers(m)[0]  # gated, d = 32, f = 64: gate and up 2 d f, down d f
+    assert unit_share(layer, 0.6, 0.7) == pytest.approx(0.6 * 3 - 2 * 0.7)
+    assert unit_share(layer, 0.6, 0.6) == pytest.approx(0.6)
+    assert unit_share(layer, 0.5, 0.9) is None  # gate and up alone exceed the budget
+    sens = sensitivity_of(m)
+    t_in, t_unit = split_thresholds(sens, 0.7, 0.4, weighted=True)
+    for i, lay in sens.moes.items():
+        x, _, _ = sens.caps[i]
+        assert float((x.abs() >= t_in[i]).float().mean()) == pytest.approx(0.7, abs=0.03)
+        h = lay.hidden(x * (x.abs() >= t_in[i])) * lay.neuron_weights()
+        assert float((h.abs() >= t_unit[i]).float().mean()) == pytest.approx(0.4, abs=0.03)
+    pols = split_policies(sens, 0.6, 1)  # the steps above the budget, as far as they fit
+    assert [p["input_share"] for p in pols] == pytest.approx([0.6, 0.65, 0.7])
+    assert all(p["scores"] == "magnitude" for p in pols)
 
 
 def test_calibrate_without_routers_needs_a_router_free_rule(model_dirs, tmp_path):

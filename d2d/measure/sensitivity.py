@@ -211,7 +211,7 @@ class LayerSample:
         self.m, self.x, self.g = m, x, g
         n = x.shape[0]
         self.real = tm if tm is not None else torch.ones(n, dtype=torch.bool)
-        self.sink = (pos < sink) if (pos is not None and sink > 0) else torch.zeros(n, bool)
+        self.sink = (pos < sink) if (pos is not None and sink > 0) else torch.zeros(n, dtype=torch.bool)
         self.free = self.real & ~self.sink  # the tokens a rule may change
 
     def kept_input(self, t_x: float) -> tuple[torch.Tensor, float]:
@@ -278,23 +278,34 @@ def magnitude_table(
     return out
 
 
+def unit_share(m, budget: float, input_keep: float) -> float | None:
+    """The share of units whose down projection fits in an FFN FLOPs `budget` once gate and up
+    read the share `input_keep` of the input: (budget x (gate_up + down) - input_keep x gate_up)
+    / down for layer `m`; None where nothing or more than every unit would fit."""
+    f = m.n_experts * m.expert_size
+    gate_up, down = (2 if m.gated else 1) * m.d_model * f, m.d_out * f
+    k = (budget * (gate_up + down) - input_keep * gate_up) / down
+    return k if 0.0 < k <= 1.0 + 1e-9 else None
+
+
 @torch.no_grad()
 def split_thresholds(
-    sens, input_keep: float, unit_keep: float, weighted: bool = False
+    sens, input_keep: float, unit_keep: float | dict, weighted: bool = False
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Thresholds that keep the share `input_keep` of every layer's FFN input (gate and up read
-    those entries' weights) and then the share `unit_keep` of the units by their activation on
-    the kept input (|h|; `weighted`: |h| x the norm of the unit's down row, the exact-magnitude
-    rule's score). Returns (input, unit) thresholds per layer."""
+    those entries' weights) and then the share `unit_keep` (one for all, or per layer) of the
+    units by their activation on the kept input (|h|; `weighted`: |h| x the norm of the unit's
+    down row, the exact-magnitude rule's score). Returns (input, unit) thresholds per layer."""
     t_in, t_unit = {}, {}
     for i, m in sens.moes.items():
         s = _sample(sens, i)
+        keep = unit_keep[i] if isinstance(unit_keep, dict) else unit_keep
         t_in[i] = quantile(s.x.abs()[s.free], 1 - input_keep) if input_keep < 1 else 0.0
         h = m.hidden(s.kept_input(t_in[i])[0]).float()
         if weighted:
             h = h * m.neuron_weights().float()
         act = m.block_norm(h)
-        t_unit[i] = quantile(act[s.free], 1 - unit_keep) if unit_keep < 1 else 0.0
+        t_unit[i] = quantile(act[s.free], 1 - keep) if keep < 1 else 0.0
     return t_in, t_unit
 
 

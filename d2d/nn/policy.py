@@ -327,7 +327,11 @@ def row_label(row: dict) -> str:
         "teal-style": "TEAL-style",
         "cats-style": "CATS-style",
         "per-layer-magnitude": "exact magnitude",
+        "split-magnitude": "exact magnitude, uniform split",
     }.get(row["rule"])
+    share = row.get("policy", {}).get("input_share")
+    if named and share is not None:  # the uniform split: the input share gate and up read
+        named = f"{named}, input {100 * share:.0f}%"
     if named and "budget" in row:
         return f"{named} @{100 * row['budget']:.0f}%"
     if "budget" in row:

@@ -185,11 +185,15 @@ def sweep(
     if not (routers or scores == "oracle"):
         rules = [r for r in rules if r in FREE_RULES]
 
-    def add(rule: str, pol: dict, budget: float | None = None):
-        measured.append(ev.measure(model, pol))
+    def add(rule: str, pol: dict, budget: float | None = None, got=None):
+        measured.append(got or ev.measure(model, pol))
         rows.append(_row(rule, pol, measured[-1], dense.quality, ev.metric))
         if budget is not None:
             rows[-1]["budget"] = budget
+
+    def trial(pol: dict):
+        got = ev.measure(model, pol)
+        return _row("", pol, got, dense.quality, ev.metric)["drop"], got
 
     for j, tau in enumerate(taus):
         add("global-tau", {"rule": "tau", "tau": tau, "dense_positions": sink, **extra})
@@ -215,13 +219,23 @@ def sweep(
                 )
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
         free = cfg.per_layer and "magnitude" in rules
-        free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress)
+        free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress, trial)
     return rows, measured
 
 
-def free_rows(model, sens, budgets, sink: int, magnitude: bool, peers: bool, add, progress):
-    """The router-free rows at each budget: d2d's exact-magnitude rule (allocated per layer)
-    and the peers; `add(rule, policy, budget)` measures and records one."""
+# the exact-magnitude rule at a uniform split: shares of the input that gate and up read,
+# above the budget, tried at each budget (the units' share then follows from the budget)
+SPLIT_STEPS = (0.0, 0.05, 0.1)
+
+
+def free_rows(
+    model, sens, budgets, sink: int, magnitude: bool, peers: bool, add, progress, trial=None
+):
+    """The router-free rows at each budget: d2d's exact-magnitude rule (allocated per layer,
+    and at the best uniform split of the budget between gate/up's input and down's units) and
+    the peers. `add(rule, policy, budget, measurement=None)` measures (unless given) and
+    records one row; `trial(policy)` measures without recording and returns (drop,
+    measurement): the split is chosen by it (on calibration text) before its row is recorded."""
     from d2d.measure.sensitivity import allocate, magnitude_table
 
     table = magnitude_table(sens, progress) if magnitude else None
@@ -230,9 +244,33 @@ def free_rows(model, sens, budgets, sink: int, magnitude: bool, peers: bool, add
             add(
                 "per-layer-magnitude", magnitude_policy(allocate(table, b, sens.weights()), sink), b
             )
+            tried = [(trial(p), p) for p in split_policies(sens, b, sink)] if trial else []
+            if tried:
+                (_, got), pol = min(tried, key=lambda t: t[0][0])
+                add("split-magnitude", pol, b, got)
         for name, pol in (peer_policies(model, sens, b, sink) if peers else {}).items():
             add(name, pol, b)
         progress("router-free rules", j + 1, len(budgets), budget=b)
+
+
+def split_policies(sens, budget: float, sink: int) -> list[dict]:
+    """The exact-magnitude rule at each uniform split of an FFN `budget` (SPLIT_STEPS): every
+    layer reads the share `budget + step` of its input in gate and up and runs the units that
+    the rest of the budget pays for, ranked by |h| x their down row's norm."""
+    from d2d.measure.sensitivity import split_thresholds, unit_share
+
+    out = []
+    for step in SPLIT_STEPS:
+        keep = min(1.0, budget + step)
+        units = {i: unit_share(m, budget, keep) for i, m in sens.moes.items()}
+        if any(u is None for u in units.values()):
+            continue
+        t_in, t_unit = split_thresholds(sens, keep, units, weighted=True)
+        pol = magnitude_policy({i: (t_in[i], t_unit[i]) for i in t_in}, sink)
+        out.append({**pol, "input_share": keep})
+        if keep >= 1.0:
+            break
+    return out
 
 
 def magnitude_policy(params: dict, sink: int) -> dict:

@@ -210,12 +210,17 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
     if "peers" in fams or "magnitude" in fams:
         sens = layer_sensitivity(art.model, cal, sink, 2048, cfg.seed)
 
-        def add(rule: str, pol: dict, budget: float) -> None:
-            row = _row(rule, pol, ev.measure(art.model, pol), dense_q, ev.metric)
+        def add(rule: str, pol: dict, budget: float, got=None) -> None:
+            row = _row(rule, pol, got or ev.measure(art.model, pol), dense_q, ev.metric)
             rows.append({**row, "scores": pol["scores"], "budget": budget})
 
+        def trial(pol: dict):  # the split is chosen on calibration text, then measured here
+            got = cal.measure(art.model, pol)
+            return _row("", pol, got, cal_q, cal.metric)["drop"], None
+
+        cal_q = cal.measure(art.model, ALL).quality if "magnitude" in fams else None
         free_rows(art.model, sens, budgets, sink, "magnitude" in fams, "peers" in fams, add,
-                  progress)  # fmt: skip
+                  progress, trial)  # fmt: skip
     for r in rows:
         r.pop("layer_fractions", None)
     return {"dense_quality": dense_q, "rows": rows, "savings": savings_ratio(rows)}
