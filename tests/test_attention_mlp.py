@@ -122,3 +122,37 @@ def test_unknown_projection_and_bad_width_are_refused(model_dirs, tmp_path):
     assert not (tmp_path / "a").exists()
     with pytest.raises(D2DError, match="width"):
         AttentionMLPConfig(width=0)
+
+
+def test_sparsify_penalises_the_projection_mlps(model_dirs, text_dir, tmp_path):
+    """--projection-weight puts the same penalty on the projection MLPs' activations: at equal
+    steps their zeros rise above the run without it; a model without such MLPs is refused."""
+    from d2d.stages import SparsifyConfig
+
+    amlp = AttentionMLPConfig(
+        data=text_dir, tokens=512, heldout_tokens=128, eval_tokens=128, seq_len=32,
+        width=2.0, steps=2, bf16=False,
+    )  # fmt: skip
+    run_stage("attention-mlp", model_dirs["gated"], amlp, tmp_path / "a")
+    fast = dict(data=text_dir, seq_len=32, eval_tokens=128, bf16=False, batch_size=4, lr=3e-3)
+    zeros = {}
+    for pw in (0.0, 1.0):
+        cfg = SparsifyConfig(steps=30, weight=0.0, projection_weight=pw, **fast)
+        rec = run_stage("sparsify", str(tmp_path / "a"), cfg, tmp_path / f"s{pw}")
+        hist = rec["metrics"]["history"]
+        if pw:
+            zeros[pw] = sum(h["projection_zeros"] for h in hist[-5:]) / 5
+            assert all("projection_penalty" in h for h in hist)
+        else:
+            assert all("projection_penalty" not in h for h in hist)
+    with torch.no_grad():  # the unpenalised run's MLPs, measured the same way
+        art = load_artifact(tmp_path / "s0.0")
+        from d2d.nn.projection import tapped_projections
+
+        with tapped_projections(art.model) as acts:
+            art.model(input_ids=torch.randint(1, 96, (4, 32)))
+        zeros[0.0] = float(torch.cat([a.reshape(-1) for a in acts]).eq(0).float().mean())
+    assert zeros[1.0] > zeros[0.0] + 0.05
+    with pytest.raises(D2DError, match="--projection-weight needs attention projections"):
+        cfg = SparsifyConfig(steps=1, projection_weight=0.1, **fast)
+        run_stage("sparsify", model_dirs["gated"], cfg, tmp_path / "x")

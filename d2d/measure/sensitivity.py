@@ -211,7 +211,8 @@ class LayerSample:
         self.m, self.x, self.g = m, x, g
         n = x.shape[0]
         self.real = tm if tm is not None else torch.ones(n, dtype=torch.bool)
-        self.sink = (pos < sink) if (pos is not None and sink > 0) else torch.zeros(n, dtype=torch.bool)
+        none = torch.zeros(n, dtype=torch.bool)
+        self.sink = (pos < sink) if (pos is not None and sink > 0) else none
         self.free = self.real & ~self.sink  # the tokens a rule may change
 
     def kept_input(self, t_x: float) -> tuple[torch.Tensor, float]:

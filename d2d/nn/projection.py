@@ -120,6 +120,22 @@ def projection_mlps(model: nn.Module) -> dict[tuple[int, str], ProjectionMLP]:
     }
 
 
+@contextmanager
+def tapped_projections(model: nn.Module):
+    """Collect the hidden activations (graph kept) of every projection MLP during forwards:
+    what a sparsity penalty on them reads."""
+    acts: list[torch.Tensor] = []
+    handles = [
+        m.act.register_forward_hook(lambda mod, args, out: acts.append(out))
+        for m in projection_mlps(getattr(model, "module", model)).values()
+    ]
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def extra_macs(model: nn.Module) -> dict[int, int]:
     """Per layer: multiply-accumulates per token the replacement MLPs add over the projections
     they replaced (negative where an MLP is cheaper)."""

@@ -33,6 +33,13 @@ class SparsifyConfig(DistillFields):
         default="hoyer", metadata={"help": "Sparsity penalty: hoyer (square Hoyer) or l1."}
     )
     weight: float = field(default=0.01, metadata={"help": "Penalty weight (0: plain fine-tune)."})
+    projection_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the same penalty on the hidden activations of the attention "
+            "projections' MLPs (made by attention-mlp), on the same schedule (0: none)."
+        },
+    )
     schedule: str = field(
         default="linear", metadata={"help": "Penalty weight schedule: linear warm-up or constant."}
     )
@@ -56,7 +63,7 @@ class SparsifyConfig(DistillFields):
         one_of("penalty", self.penalty, PENALTIES)
         one_of("schedule", self.schedule, WEIGHT_SCHEDULES)
         one_of("penalty_on", self.penalty_on, PENALTY_TARGETS)
-        at_least(self, 0, "weight")
+        at_least(self, 0, "weight", "projection_weight")
         if not 0 <= self.weight_warmup <= 1:
             raise D2DError(f"weight-warmup must be in [0, 1], got {self.weight_warmup}")
         super().__post_init__()
@@ -115,18 +122,25 @@ class SparsifyTask:
 
     def loss(self, model, batch, step):
         from d2d.nn.activations import penalty, sparsity_stats, tapped
+        from d2d.nn.projection import tapped_projections
 
         c = self.cfg
         w = weight_at(step, c.steps, c.weight, c.schedule, c.weight_warmup)
         kw = dict(batch)
         if self.kind == "causal-lm":
             kw["labels"] = kw["input_ids"]
-        with tapped(model, c.penalty_on) as acts:
+        with tapped(model, c.penalty_on) as acts, tapped_projections(model) as proj:
             out = model(**kw)
         mask = batch.get("attention_mask")
         pen = penalty(acts, c.penalty, mask)
         task_loss = out.loss.float()
         loss = task_loss + w * pen if w > 0 else task_loss
+        wp = w * c.projection_weight / c.weight if c.weight > 0 else 0.0
+        if c.projection_weight > 0 and c.weight == 0:  # its own schedule when FFNs have none
+            wp = weight_at(step, c.steps, c.projection_weight, c.schedule, c.weight_warmup)
+        pen_p = penalty(proj, c.penalty, mask) if proj and c.projection_weight > 0 else None
+        if pen_p is not None:
+            loss = loss + wp * pen_p
         kl = None
         if self.teacher is not None:
             from d2d.train import teacher_kl
@@ -146,6 +160,10 @@ class SparsifyTask:
         }
         if kl is not None:
             logs["kl"] = float(kl.detach())
+        if pen_p is not None:
+            ps = sparsity_stats(proj, mask)
+            logs["projection_penalty"] = float(pen_p.detach())
+            logs["projection_zeros"] = sum(z for z, _, _ in ps) / max(1, sum(k for _, _, k in ps))
         return loss, logs
 
     def evaluate(self, model) -> dict:
@@ -166,6 +184,14 @@ def run(art, cfg: SparsifyConfig, progress, out=None):
 
     if moe_layers(art.model):
         raise D2DError("sparsify runs on a dense model: sparsify first, then d2d convert")
+    if cfg.projection_weight > 0:
+        from d2d.nn.projection import projection_mlps
+
+        if not projection_mlps(art.model):
+            raise D2DError(
+                "--projection-weight needs attention projections replaced by MLPs: run d2d "
+                "attention-mlp first, or leave --projection-weight out"
+            )
     corpus = corpus_of(cfg)
     name = type(art.model).__name__
     task = resolve_task(task_of(art.model), cfg, corpus.labels is not None, name)
