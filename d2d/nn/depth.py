@@ -272,15 +272,17 @@ class MoDBlock(nn.Module):
         self.last_causal, self.last_real = causal, real
         per_row = choice.sum(-1)
         k = int(per_row.max()) if b else 0
-        if self.keep_kv:
+        every = k == t and bool(choice.all())
+        if self.keep_kv and not every:
             return self._keep_kv(x, choice, r, k, attention_mask, position_embeddings, cache, kw)
         if k == 0:  # nothing to process: no work and no cache entry in this block
             return self._after(x)
         kv = self.skip != "mlp"  # whether the routed part writes this block's KV entries
-        if k == t and bool(choice.all()) and (not kv or self._cache_whole(cache, t)):
+        if every and (not kv or self.keep_kv or self._cache_whole(cache, t)):
             # every token (dense mode, capacity 1.0, or a decode step the block takes): the
-            # routed part as it is, with the model's own mask; only its update is scaled
-            if kv:
+            # routed part as it is, with the model's own mask; only its update is scaled (with
+            # keep_kv every earlier token has its entry: the cache is always whole)
+            if kv and not self.keep_kv:
                 self._mask(cache, choice, x.dtype, build=False)
             upd = self._update(x, attention_mask, position_ids, position_embeddings, cache, kw)
             return self._after(x + 2.0 * torch.sigmoid(r)[:, :, None].to(x.dtype) * upd)
