@@ -339,6 +339,26 @@ class MoDBlock(nn.Module):
             keys, vals = cache.update(keys, vals, self.layer_idx)
         if k == 0:  # no query in this block: the keys and values are all it adds
             return self._after(x)
+        if t == 1 and self.compact and b > 1:  # a decoding step: only the rows that take it
+            rows = choice[:, 0].nonzero(as_tuple=True)[0]
+            q = _rotate(
+                _heads(attn, "q", attn.q_proj(hn[rows]), hd),
+                *(c.expand(b, -1, -1)[rows] for c in (cos, sin)),
+            )
+            m = None
+            if torch.is_tensor(mask) and mask.dim() == 4:
+                m = mask.expand(b, -1, -1, -1)[rows]
+                m = m if m.dtype == torch.bool else m == 0
+            kr, vr = keys.index_select(0, rows), vals.index_select(0, rows)
+            out = F.scaled_dot_product_attention(
+                q, kr.to(q.dtype), vr.to(q.dtype), attn_mask=m, scale=attn.scaling,
+                enable_gqa=q.shape[1] != kr.shape[1],
+            )  # fmt: skip
+            upd = attn.o_proj(out.transpose(1, 2).reshape(rows.numel(), 1, -1))
+            if self.skip == "block":
+                upd = upd + self.block.mlp(self.block.post_attention_layernorm(x[rows] + upd))
+            g = 2.0 * torch.sigmoid(r[rows])[:, :, None].to(x.dtype)
+            return self._after(x.index_add(0, rows, g * upd))
         per_row = choice.sum(-1)
         ar = torch.arange(t, device=x.device)
         idx = torch.sort(torch.where(choice, ar, t + ar), dim=-1).values[:, :k]
