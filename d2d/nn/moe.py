@@ -231,10 +231,19 @@ class MoEFFN(nn.Module):
 
     def _sink_rows(self, n: int) -> torch.Tensor:
         """[n] the tokens of this forward at positions below the policy's dense sink."""
-        pos, sink = self.context.positions, self.policy.dense_positions
-        if sink > self.context.min_position and pos is not None and pos.numel() == n:
-            return pos.reshape(-1) < sink
+        if self._may_sink(n):
+            return self.context.positions.reshape(-1) < self.policy.dense_positions
         return torch.zeros(n, dtype=torch.bool, device=self.w_in.device)
+
+    def _may_sink(self, n: int) -> bool:
+        """Whether some of this forward's n tokens may lie in the dense sink (a check without
+        tensors: decoding steps past the sink answer it for free)."""
+        pos = self.context.positions
+        return (
+            self.policy.dense_positions > self.context.min_position
+            and pos is not None
+            and pos.numel() == n
+        )
 
     # above this executed fraction the dense product beats the sparse kernel
     SPARSE_MAX_FRACTION = 0.8
@@ -287,7 +296,7 @@ class MoEFFN(nn.Module):
             and kernels.act_code(self.act) >= 0
             and self.d_out == self.d_model
             and kernels.load() is not None
-            and not self._sink_rows(x2.shape[0]).any()
+            and not (self._may_sink(x2.shape[0]) and bool(self._sink_rows(x2.shape[0]).any()))
         )
 
     def _threshold_run(self, x2: torch.Tensor, t_in: float) -> torch.Tensor:
