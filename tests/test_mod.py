@@ -335,24 +335,25 @@ def test_mlp_skip_compacts_rows_and_equals_the_padded_path():
     torch.testing.assert_close(logits(m, input_ids=ids), compact)
 
 
+@pytest.mark.parametrize("keep_kv", [False, True])
 @pytest.mark.parametrize("skip", ["block", "attention"])
-def test_batch_decoding_runs_only_the_rows_that_take_the_token(skip):
+def test_batch_decoding_runs_only_the_rows_that_take_the_token(skip, keep_kv):
     """Rows of a batch that decide differently at a decoding step: the routed part runs for
     the rows that take the token only (on their rows of the cache), and the logits equal the
-    padded path's and the full prefill's."""
+    padded path's and the full prefill's (keep_kv: every row still writes its key and value)."""
     m = llama(seed=1)
-    routed = insert_mod(m, [1, 3], capacity=0.5, skip=skip)
+    routed = insert_mod(m, [1, 3], capacity=0.5, skip=skip, keep_kv=keep_kv)
     randomise_routers(m, seed=3)
     set_mode(m, "causal")
     ids = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(5))
     full = logits(m, input_ids=ids)
-    rows_seen = []
+    rows_seen = []  # (rows, tokens) of each output projection the routed blocks ran
     for b in routed.values():
-        b.block.self_attn.register_forward_hook(
-            lambda mod, a, kw, y: rows_seen.append(kw["hidden_states"].shape), with_kwargs=True
+        b.block.self_attn.o_proj.register_forward_hook(
+            lambda mod, a, y: rows_seen.append(a[0].shape[:2])
         )
     compact, _ = stepwise(m, ids, 4)
-    decode_rows = [s[0] for s in rows_seen if s[1] == 1]
+    decode_rows = [n for n, t in rows_seen if t == 1]
     assert decode_rows and min(decode_rows) < 4  # some steps ran fewer rows than the batch
     torch.testing.assert_close(compact, full, rtol=1e-4, atol=1e-5)
     for b in routed.values():
@@ -458,29 +459,6 @@ def test_keep_kv_prefill_equals_step_decoding(skip, batch):
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length(1) == cache.get_seq_length(3) == 9
     assert not torch.allclose(full, logits(llama(seed=1), input_ids=ids), atol=1e-4)
-
-
-@pytest.mark.parametrize("skip", KEEP_KV)
-def test_keep_kv_batch_decoding_runs_only_the_rows_that_take_the_token(skip):
-    m = llama(seed=1)
-    routed = insert_mod(m, [1, 3], capacity=0.5, skip=skip, keep_kv=True)
-    randomise_routers(m, seed=3)
-    set_mode(m, "causal")
-    ids = torch.randint(1, 96, (4, 12), generator=torch.Generator().manual_seed(5))
-    full = logits(m, input_ids=ids)
-    rows_seen = []
-    for b in routed.values():
-        b.block.self_attn.o_proj.register_forward_hook(
-            lambda mod, a, y: rows_seen.append(a[0].shape[:2])
-        )
-    compact, _ = stepwise(m, ids, 4)
-    decode_rows = [n for n, t in rows_seen if t == 1]
-    assert decode_rows and min(decode_rows) < 4  # some steps ran fewer rows than the batch
-    torch.testing.assert_close(compact, full, rtol=1e-4, atol=1e-5)
-    for b in routed.values():
-        b.compact = False
-    padded, _ = stepwise(m, ids, 4)
-    torch.testing.assert_close(compact, padded, rtol=1e-5, atol=1e-6)
 
 
 def test_keep_kv_refuses_what_it_cannot_compute():

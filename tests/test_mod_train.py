@@ -95,42 +95,40 @@ def test_freeze_base_changes_no_base_weight_and_distill_logs_the_kl(model_dirs, 
     assert all("kl" in h for h in hist) and hist[0]["kl"] < 1e-3  # starts at its teacher
 
 
-def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
-    out = tmp_path / "m"
-    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--skip", "attention"]
-    res = runner.invoke(app, args + FAST[:-2] + ["--steps", "10"], env={"COLUMNS": "200"})
+def trains_records_and_replays(model_dirs, out, options, steps, key, value, described):
+    """Run `d2d mod` with `options` on block 1; the lineage records `key` = `value`, the loaded
+    block has it, two loads generate the same tokens, and inspect says `described`."""
+    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", *options]
+    res = runner.invoke(app, args + FAST[:-2] + ["--steps", str(steps)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     meta = json.loads((out / "d2d.json").read_text())
-    assert meta["stages"][-1]["structure"]["skip"] == "attention"
+    assert meta["stages"][-1]["structure"][key] == value
     model = d2d.load(out)
-    assert mod_blocks(model)[1].skip == "attention"
+    assert getattr(mod_blocks(model)[1], key) == value
     ids = torch.randint(1, 96, (1, 6))
     with torch.no_grad():
         a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         b = d2d.load(out).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
     res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
-    assert res.exit_code == 0 and "skipping the attention" in res.output
+    assert res.exit_code == 0 and described in res.output
+
+
+def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
+    trains_records_and_replays(
+        model_dirs, tmp_path / "m", ["--skip", "attention"], 10, "skip", "attention",
+        "skipping the attention",
+    )  # fmt: skip
 
 
 def test_keep_kv_trains_records_and_replays(model_dirs, tmp_path):
-    out = tmp_path / "m"
-    args = ["mod", model_dirs["gated"], "-o", str(out), "--layers", "1", "--skip", "block"]
-    args += ["--keep-kv", "--routing", "threshold", "--freeze-base", "--distill"]
-    res = runner.invoke(app, args + FAST[:-2] + ["--steps", "6"], env={"COLUMNS": "200"})
-    assert res.exit_code == 0, res.output
-    meta = json.loads((out / "d2d.json").read_text())
-    assert meta["stages"][-1]["structure"]["keep_kv"] is True
-    model = d2d.load(out)
-    assert mod_blocks(model)[1].keep_kv
-    ids = torch.randint(1, 96, (1, 6))
-    with torch.no_grad():
-        a = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        b = d2d.load(out).generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(a, b)
-    res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "200"})
-    assert res.exit_code == 0 and "keys and values kept" in res.output
-    bad = runner.invoke(app, [*args[:6], "--skip", "mlp", "--keep-kv"])
+    options = ["--skip", "block", "--keep-kv", "--routing", "threshold", "--freeze-base"]
+    options += ["--distill"]
+    trains_records_and_replays(
+        model_dirs, tmp_path / "m", options, 6, "keep_kv", True, "keys and values kept"
+    )
+    args = ["mod", model_dirs["gated"], "-o", str(tmp_path / "m"), "--layers", "1"]
+    bad = runner.invoke(app, [*args, "--skip", "mlp", "--keep-kv"])
     assert bad.exit_code != 0 and "--keep-kv is for --skip block or attention" in bad.output
     assert "Traceback" not in bad.output
 

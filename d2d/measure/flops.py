@@ -66,22 +66,25 @@ def dense_ffn_macs(model: nn.Module) -> list[int]:
     return out
 
 
-def _attention_macs(model: nn.Module, seq_len: int, causal: bool) -> tuple[float, float]:
-    """One block's attention MACs per token: (projections, scores and weighted sum)."""
+def _attention_dims(model: nn.Module) -> tuple[int, int, int, int]:
+    """(hidden size, query heads, key/value heads, head dimension) from the model's config."""
     d = _cfg(model, "hidden_size", "n_embd")
     heads = _cfg(model, "num_attention_heads", "n_head")
     kv = _cfg(model, "num_key_value_heads", default=heads)
-    hd = _cfg(model, "head_dim", default=d // heads)
+    return d, heads, kv, _cfg(model, "head_dim", default=d // heads)
+
+
+def _attention_macs(model: nn.Module, seq_len: int, causal: bool) -> tuple[float, float]:
+    """One block's attention MACs per token: (projections, scores and weighted sum)."""
+    d, heads, _, hd = _attention_dims(model)
     ctx = (seq_len + 1) / 2 if causal else seq_len
-    return d * heads * hd * 2 + 2 * d * kv * hd, 2 * heads * hd * ctx
+    return d * heads * hd * 2 + _kv_macs(model), 2 * heads * hd * ctx
 
 
 def _kv_macs(model: nn.Module) -> int:
     """One block's k and v projection MACs per token."""
-    d = _cfg(model, "hidden_size", "n_embd")
-    heads = _cfg(model, "num_attention_heads", "n_head")
-    kv = _cfg(model, "num_key_value_heads", default=heads)
-    return 2 * d * kv * _cfg(model, "head_dim", default=d // heads)
+    d, _, kv, hd = _attention_dims(model)
+    return 2 * d * kv * hd
 
 
 def _head_macs(model: nn.Module, causal: bool) -> int:

@@ -123,6 +123,12 @@ def relufy(model: nn.Module) -> None:
             setattr(model.config, name, "relu")
 
 
+def pooled_shares(stats: list[list[float]]) -> tuple[float, float]:
+    """(exact zeros, near zeros) over every layer's tokens of sparsity_stats' counts."""
+    n = max(1, sum(k for _, _, k in stats))
+    return sum(z for z, _, _ in stats) / n, sum(nz for _, nz, _ in stats) / n
+
+
 def sparsity_stats(acts: list[torch.Tensor], mask: torch.Tensor | None) -> list[list[float]]:
     """Per layer [exact zeros, near zeros, tokens] over the real tokens."""
     out = []

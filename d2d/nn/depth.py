@@ -106,6 +106,25 @@ def _rotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return y * cos + rot * sin
 
 
+def _bool_mask(mask, b: int) -> torch.Tensor | None:
+    """The model's own 4-D attention mask as booleans (True: may attend), batch expanded to b;
+    None where the model passed none (plain causal attention)."""
+    if not (torch.is_tensor(mask) and mask.dim() == 4):
+        return None
+    m = mask.expand(b, -1, -1, -1)
+    return m if m.dtype == torch.bool else m == 0
+
+
+def _slots(choice: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, k] positions of each row's chosen tokens in their original order, and which slots
+    are real: a row with fewer than k pads with placeholders (position 0, valid False)."""
+    t = choice.shape[-1]
+    ar = torch.arange(t, device=choice.device)
+    idx = torch.sort(torch.where(choice, ar, t + ar), dim=-1).values[:, :k]
+    valid = torch.arange(k, device=choice.device)[None, :] < choice.sum(-1)[:, None]
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
 def _taken(choice: torch.Tensor, forced: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
     """The tokens a block processes: its choice plus the forced (sink) positions, real only."""
     return (choice if forced is None else choice | forced) & real
@@ -299,15 +318,7 @@ class MoDBlock(nn.Module):
             return self._decode_rows(
                 x, choice, r, position_ids, position_embeddings, cache, layer, kw
             )
-        # the chosen tokens in their original order; rows with fewer pad with placeholders
-        idx = torch.sort(
-            torch.where(
-                choice, torch.arange(t, device=x.device), t + torch.arange(t, device=x.device)
-            ),
-            dim=-1,
-        ).values[:, :k]
-        valid = torch.arange(k, device=x.device)[None, :] < per_row[:, None]  # [B, k]
-        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        idx, valid = _slots(choice, k)
         gather = idx[:, :, None]
         xs = x.gather(1, gather.expand(-1, -1, x.shape[-1]))
         pe = pos = mask = None
@@ -345,25 +356,12 @@ class MoDBlock(nn.Module):
                 _heads(attn, "q", attn.q_proj(hn[rows]), hd),
                 *(c.expand(b, -1, -1)[rows] for c in (cos, sin)),
             )
-            m = None
-            if torch.is_tensor(mask) and mask.dim() == 4:
-                m = mask.expand(b, -1, -1, -1)[rows]
-                m = m if m.dtype == torch.bool else m == 0
+            m = _bool_mask(mask, b)
             kr, vr = keys.index_select(0, rows), vals.index_select(0, rows)
-            out = F.scaled_dot_product_attention(
-                q, kr.to(q.dtype), vr.to(q.dtype), attn_mask=m, scale=attn.scaling,
-                enable_gqa=q.shape[1] != kr.shape[1],
-            )  # fmt: skip
-            upd = attn.o_proj(out.transpose(1, 2).reshape(rows.numel(), 1, -1))
-            if self.skip == "block":
-                upd = upd + self.block.mlp(self.block.post_attention_layernorm(x[rows] + upd))
+            upd = self._attend(q, kr, vr, None if m is None else m[rows], x[rows])
             g = 2.0 * torch.sigmoid(r[rows])[:, :, None].to(x.dtype)
             return self._after(x.index_add(0, rows, g * upd))
-        per_row = choice.sum(-1)
-        ar = torch.arange(t, device=x.device)
-        idx = torch.sort(torch.where(choice, ar, t + ar), dim=-1).values[:, :k]
-        valid = torch.arange(k, device=x.device)[None, :] < per_row[:, None]  # [B, k]
-        idx = torch.where(valid, idx, torch.zeros_like(idx))
+        idx, valid = _slots(choice, k)
         gather = idx[:, :, None]
         q = attn.q_proj(hn.gather(1, gather.expand(-1, -1, d)))
         q = _heads(attn, "q", q, hd)
@@ -371,26 +369,31 @@ class MoDBlock(nn.Module):
         sg = sin.expand(b, -1, -1).gather(1, gather.expand(-1, -1, sin.shape[-1]))
         q = _rotate(q, cg, sg)
         past = keys.shape[-2] - t  # cached entries before this forward's tokens
-        if torch.is_tensor(mask) and mask.dim() == 4:  # the model's own (padding) mask, rows
-            m = mask.expand(b, -1, -1, -1)
+        m = _bool_mask(mask, b)
+        if m is not None:  # the model's own (padding) mask, the chosen queries' rows
             allowed = m.gather(2, gather[:, None].expand(-1, m.shape[1], -1, m.shape[-1]))
-            if allowed.dtype != torch.bool:
-                allowed = allowed == 0
         else:  # causal over positions: every key is a real token
             kpos = torch.arange(keys.shape[-2], device=x.device)
             allowed = (kpos[None, None, :] <= (past + idx)[:, :, None])[:, None]
         allowed = allowed | ~valid[:, None, :, None]  # placeholder queries: output dropped
+        upd = self._attend(q, keys, vals, allowed, x.gather(1, gather.expand(-1, -1, d)))
+        g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None].to(x.dtype)
+        upd = (g * upd) * valid[:, :, None].to(x.dtype)
+        return self._after(x.scatter_add(1, gather.expand(-1, -1, d), upd))
+
+    def _attend(self, q, keys, vals, allowed, xs) -> torch.Tensor:
+        """keep_kv's routed update of the chosen tokens `xs` [n, k, d] from their rotated
+        queries: attention over `keys` / `vals` where `allowed`, the output projection, and for
+        skip "block" the MLP on the stream after it."""
+        attn = self.block.self_attn
         out = F.scaled_dot_product_attention(
             q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=allowed, scale=attn.scaling,
             enable_gqa=q.shape[1] != keys.shape[1],
         )  # fmt: skip
-        upd = attn.o_proj(out.transpose(1, 2).reshape(b, k, -1))
+        upd = attn.o_proj(out.transpose(1, 2).reshape(*xs.shape[:2], -1))
         if self.skip == "block":
-            h = x.gather(1, gather.expand(-1, -1, d)) + upd
-            upd = upd + self.block.mlp(self.block.post_attention_layernorm(h))
-        g = 2.0 * torch.sigmoid(r.gather(1, idx))[:, :, None].to(x.dtype)
-        upd = (g * upd) * valid[:, :, None].to(x.dtype)
-        return self._after(x.scatter_add(1, gather.expand(-1, -1, d), upd))
+            upd = upd + self.block.mlp(self.block.post_attention_layernorm(xs + upd))
+        return upd
 
     def _rows_cache(self, cache):
         """This block's layer of a cache whose rows can be selected (a DynamicCache layer that

@@ -327,7 +327,6 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
             u += hbuf[i * f + j];
             if (gated) g += abuf[i * f + j];
           }
-          if (gated) a[j] = g;
           h[j] = gated ? activate(g, act) * u : activate(u, act);
         }
       } else {

@@ -121,7 +121,7 @@ class SparsifyTask:
         return {k: v[indices] for k, v in self.inputs.items()}
 
     def loss(self, model, batch, step):
-        from d2d.nn.activations import penalty, sparsity_stats, tapped
+        from d2d.nn.activations import penalty, pooled_shares, sparsity_stats, tapped
         from d2d.nn.projection import tapped_projections
 
         c = self.cfg
@@ -135,11 +135,9 @@ class SparsifyTask:
         pen = penalty(acts, c.penalty, mask)
         task_loss = out.loss.float()
         loss = task_loss + w * pen if w > 0 else task_loss
-        wp = w * c.projection_weight / c.weight if c.weight > 0 else 0.0
-        if c.projection_weight > 0 and c.weight == 0:  # its own schedule when FFNs have none
-            wp = weight_at(step, c.steps, c.projection_weight, c.schedule, c.weight_warmup)
         pen_p = penalty(proj, c.penalty, mask) if proj and c.projection_weight > 0 else None
-        if pen_p is not None:
+        if pen_p is not None:  # the FFN penalty's schedule, at its own weight
+            wp = weight_at(step, c.steps, c.projection_weight, c.schedule, c.weight_warmup)
             loss = loss + wp * pen_p
         kl = None
         if self.teacher is not None:
@@ -149,21 +147,19 @@ class SparsifyTask:
             kl_mask = mask if self.kind == "causal-lm" else None
             kl = teacher_kl(self.teacher, out.logits, kw, kl_mask)
             loss = loss + c.distill_weight * kl
-        stats = sparsity_stats(acts, mask)
-        n = max(1, sum(k for _, _, k in stats))
+        zeros, near = pooled_shares(sparsity_stats(acts, mask))
         logs = {
             "loss": float(task_loss.detach()),
             "penalty": float(pen.detach()),
             "weight": w,
-            "sparsity": sum(nz for _, nz, _ in stats) / n,
-            "zeros": sum(z for z, _, _ in stats) / n,
+            "sparsity": near,
+            "zeros": zeros,
         }
         if kl is not None:
             logs["kl"] = float(kl.detach())
         if pen_p is not None:
-            ps = sparsity_stats(proj, mask)
             logs["projection_penalty"] = float(pen_p.detach())
-            logs["projection_zeros"] = sum(z for z, _, _ in ps) / max(1, sum(k for _, _, k in ps))
+            logs["projection_zeros"] = pooled_shares(sparsity_stats(proj, mask))[0]
         return loss, logs
 
     def evaluate(self, model) -> dict:
