@@ -250,6 +250,30 @@ def test_threshold_kernel_follows_weight_changes():
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
 
 
+def test_threshold_kernel_follows_policy_changes():
+    """Its cached plan (thresholds, weight arguments) is rebuilt for a new policy and for a
+    change of execution: each call equals the masked reference under the policy it ran with."""
+    moe, x = _threshold_layer(2)
+    pols = [
+        ("threshold", {0: 0.05}, "activation", {0: 0.3}),
+        ("threshold", {0: 0.4}, "activation", {0: 0.8}),
+        ("threshold", {0: 0.1}, "gate", {}),
+        ("threshold", {0: 0.2}, "magnitude", {0: 0.5}),
+    ]
+    with torch.no_grad():
+        for rule, per_layer, scores, t_in in pols:
+            moe.policy = type(moe.policy)(
+                rule, per_layer=per_layer, scores=scores, input_thresholds=t_in
+            )
+            moe.execution = "sparse"
+            got = moe(x)
+            assert moe._plan is not None and moe._plan[2] is not None  # the kernel ran
+            moe.execution = "masked"
+            want = moe(x)
+            assert moe._plan[2] is None  # masked execution: no plan
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scores", ["activation", "gate"])
 def test_generate_with_threshold_kernel_equals_masked(scores):
     """Decoding under TEAL-style / CATS-style thresholds (one token per step: the kernel) makes

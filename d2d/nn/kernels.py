@@ -148,14 +148,11 @@ _EMPTY = torch.empty(0)
 SCORE_CODES = {"activation": 0, "magnitude": 1, "gate": 2}
 
 
-def threshold_ffn(moe, x: torch.Tensor, t_in: float, t_unit: float, transposed):
-    """The FFN of a few tokens under thresholds on exact values (TEAL-style: |x| >= t_in before
-    gate and up, expert scores from h; CATS-style: scores from act(gate)), one kernel call.
-    `transposed`: (w_in, w_gate) as [d, f] copies, so that gate and up read only the rows of
-    the kept input entries, or None. Returns (y [N, d], mask [N, E], kept share [N])."""
-    n = x.shape[0]
-    mask = torch.empty(n, moe.n_experts, dtype=torch.bool)
-    kept = torch.empty(n)
+def threshold_args(moe, transposed) -> tuple:
+    """The weight arguments of the threshold kernel for one layer under its policy (built once
+    per policy and weight version: d2d.nn.moe.MoEFFN._threshold_plan). `transposed`: (w_in,
+    w_gate) as [d, f] copies, so that gate and up read only the rows of the kept input entries,
+    or None."""
     wt_in, wt_gate = transposed if transposed is not None else (_EMPTY, _EMPTY)
     kind = moe.policy.scores
     nw = (
@@ -163,10 +160,7 @@ def threshold_ffn(moe, x: torch.Tensor, t_in: float, t_unit: float, transposed):
         if kind == "magnitude"
         else _EMPTY
     )
-    y = load().threshold_ffn(
-        x.contiguous(),
-        float(t_in),
-        float(t_unit),
+    return (
         SCORE_CODES[kind],
         moe.w_in,
         _EMPTY if moe.b_in is None else moe.b_in,
@@ -179,9 +173,18 @@ def threshold_ffn(moe, x: torch.Tensor, t_in: float, t_unit: float, transposed):
         nw,
         moe.expert_size,
         act_code(moe.act),
-        mask,
-        kept,
     )
+
+
+def threshold_ffn(x: torch.Tensor, t_in: float, t_unit: float, args: tuple, n_experts: int):
+    """The FFN of a few tokens under thresholds on exact values (TEAL-style: |x| >= t_in before
+    gate and up, expert scores from h; CATS-style: scores from act(gate)), one kernel call;
+    `args` from threshold_args. Returns (y [N, d], mask [N, E], kept share [N])."""
+    n = x.shape[0]
+    mask = torch.empty(n, n_experts, dtype=torch.bool)
+    kept = torch.empty(n)
+    code, *weights = args
+    y = _module.threshold_ffn(x.contiguous(), t_in, t_unit, code, *weights, mask, kept)
     return y, mask, kept
 
 

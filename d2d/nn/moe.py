@@ -113,6 +113,8 @@ class MoEFFN(nn.Module):
         # derived copies of the weights the threshold kernel reads, keyed by the weights'
         # versions (rebuilt after training changes them; not saved)
         self._derived: dict[str, tuple[tuple, object]] = {}
+        # (policy, weight versions, plan) of the threshold kernel (_threshold_plan)
+        self._plan: tuple | None = None
 
     @property
     def gated(self) -> bool:
@@ -281,39 +283,74 @@ class MoEFFN(nn.Module):
     # the dense products are faster (d2d bench, docs/results.md)
     THRESHOLD_MAX_TOKENS = 4
 
-    def _threshold_ok(self, x2: torch.Tensor, t_in: float = 0.0) -> bool:
-        """Whether this call runs the threshold kernel: a few tokens under a threshold on exact
-        values (TEAL-style, CATS-style, exact magnitude), inference, fp32 on the CPU. (Gate
-        scores read the whole input: the kernel does not combine them with input thresholds.)"""
-        p = self.policy
-        return (
+    def _threshold_plan(self) -> tuple | None:
+        """(input threshold, unit threshold, the kernel's weight arguments) where this layer's
+        policy, weights and execution let the threshold kernel run it, else None: a threshold on
+        exact values (TEAL-style, CATS-style, exact magnitude), fp32 CPU weights, an activation
+        the kernel computes, the kernels built. (Gate scores read the whole input: the kernel
+        does not combine them with input thresholds.) Cached per policy and weight version, so
+        that a decoding step pays a lookup in every layer, not these checks and copies."""
+        p, weights = self.policy, (self.w_in, self.w_gate, self.w_out)
+        key = (
+            self.execution,
+            self.index,
+            *((w.data_ptr(), w._version) for w in weights if w is not None),
+        )
+        hit = self._plan
+        if hit is not None and hit[0] is p and hit[1] == key:
+            return hit[2]
+        t_in = p.input_threshold(self.index)
+        ok = (
             p.rule == "threshold"
             and p.scores in kernels.SCORE_CODES
             and (p.scores != "gate" or (self.gated and t_in == 0))
-            and 0 < x2.shape[0] <= self.THRESHOLD_MAX_TOKENS
-            and self._fast_inference(x2)
-            and kernels.applies(x2, self.w_in, self.w_out)
+            and self.execution == "sparse"
+            and all(
+                w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                for w in weights
+                if w is not None
+            )
             and kernels.act_code(self.act) >= 0
             and self.d_out == self.d_model
             and kernels.load() is not None
-            and not (self._may_sink(x2.shape[0]) and bool(self._sink_rows(x2.shape[0]).any()))
+        )
+        plan = None
+        if ok:
+            t_unit = p.value_at(self.index) if self.routes() else 0.0
+            transposed = None
+            if t_in > 0 and p.scores != "gate":
+                # [d, f] copies of gate and up: an input entry's weights are one contiguous row
+                transposed = self._cached(
+                    "transposed",
+                    lambda: (
+                        self.w_in.t().contiguous(),
+                        self.w_gate.t().contiguous() if self.gated else torch.empty(0),
+                    ),
+                    self.w_in,
+                    self.w_gate,
+                )
+            plan = (float(t_in), float(t_unit), kernels.threshold_args(self, transposed))
+        self._plan = (p, key, plan)
+        return plan
+
+    def _threshold_ok(self, x2: torch.Tensor) -> bool:
+        """Whether this call runs the threshold kernel: a few fp32 CPU tokens past the dense
+        sink, inference (no autograd, autocast or capture), a layer _threshold_plan accepts."""
+        n = x2.shape[0]
+        return (
+            0 < n <= self.THRESHOLD_MAX_TOKENS
+            and self.capture is None
+            and x2.dtype == torch.float32
+            and x2.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self._threshold_plan() is not None
+            and not (self._may_sink(n) and bool(self._sink_rows(n).any()))
         )
 
-    def _threshold_run(self, x2: torch.Tensor, t_in: float) -> torch.Tensor:
-        t_unit = self.policy.value_at(self.index) if self.routes() else 0.0
-        transposed = None
-        if t_in > 0 and self.policy.scores != "gate":
-            # [d, f] copies of gate and up: an input entry's weights are one contiguous row
-            transposed = self._cached(
-                "transposed",
-                lambda: (
-                    self.w_in.t().contiguous(),
-                    self.w_gate.t().contiguous() if self.gated else torch.empty(0),
-                ),
-                self.w_in,
-                self.w_gate,
-            )
-        y, mask, kept = kernels.threshold_ffn(self, x2, t_in, t_unit, transposed)
+    def _threshold_run(self, x2: torch.Tensor) -> torch.Tensor:
+        t_in, t_unit, args = self._plan[2]
+        y, mask, kept = kernels.threshold_ffn(x2, t_in, t_unit, args, self.n_experts)
         if self.stats is not None:
             self._record(mask, x2.shape[0], kept)
         return y
@@ -322,9 +359,9 @@ class MoEFFN(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # TEAL-style input sparsity: gate and up read only the entries above the threshold
+        if self._threshold_ok(x2):
+            return self._threshold_run(x2).view(*shape[:-1], self.d_out)
         t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
-        if self._threshold_ok(x2, t_in):
-            return self._threshold_run(x2, t_in).view(*shape[:-1], self.d_out)
         kept = (x2.abs() >= t_in) if t_in > 0 else None
         if kept is not None:  # the dense sink reads its whole input too
             kept |= self._sink_rows(x2.shape[0])[:, None]
