@@ -102,8 +102,9 @@ RULES: dict[str, Rule] = {
         Rule(
             "threshold", "threshold", "thresholds", None, 0.0, lambda v: v >= 0.0,
             "a number >= 0",
-            # the best expert always runs: a token never loses its whole FFN
-            lambda s, v: (s >= v) | (s >= s.amax(dim=-1, keepdim=True)),
+            # the best expert always runs: a token never loses its whole FFN (s >= v or s >= the
+            # token's largest score, as one comparison against the smaller of the two)
+            lambda s, v: s >= s.amax(dim=-1, keepdim=True).clamp(max=v),
             lambda v, e: v > 0.0,
             _quantile_grid,
         ),
