@@ -41,7 +41,8 @@ def markdown(path: str) -> str:
                 f"| {r['quality']:.2f} | {100 * r['drop']:+.1f}% |"
             )
         lines.append("")
-    lines += ["| quality drop | router savings | oracle savings | ratio |", "|---|---|---|---|"]
+    if rules["savings"]:  # routers and the oracle were both measured
+        lines += ["| quality drop | router savings | oracle savings | ratio |", "|---|---|---|---|"]
     for k, v in rules["savings"].items():
         ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
         lines.append(

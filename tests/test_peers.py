@@ -229,3 +229,20 @@ def test_expert_norms_equal_the_norm_of_each_experts_output(size):
     )
     with torch.no_grad():
         torch.testing.assert_close(m.expert_norms(h, chunk=10), want, rtol=1e-5, atol=1e-5)
+
+
+def test_no_router_oracle_table_without_both():
+    """The router/oracle savings table is left out when either side was not measured (router-
+    free comparisons would show 0% against 0%), and filled when both were."""
+    from d2d.stages.evaluation import savings_ratio
+
+    def row(scores, frac, drop):
+        return {"scores": scores, "rule": "x", "ffn_fraction": frac, "drop": drop}
+
+    peers = [row("activation", 0.6, 0.15), row("gate", 0.6, 0.8)]
+    assert savings_ratio(peers) == {}
+    both = peers + [row("router", 0.8, 0.05), row("oracle", 0.6, 0.05)]
+    got = savings_ratio(both)["5%"]
+    assert got["router_savings"] == pytest.approx(0.2)
+    assert got["oracle_savings"] == pytest.approx(0.4)
+    assert got["ratio"] == pytest.approx(0.5)

@@ -244,8 +244,11 @@ def fraction_at(rows: list[dict], scores: str, drop: float) -> float:
 
 
 def savings_ratio(rows: list[dict]) -> dict:
-    """Router savings / oracle savings of FFN FLOPs at equal quality drop, for a few drops."""
+    """Router savings / oracle savings of FFN FLOPs at equal quality drop, for a few drops;
+    empty unless both routers and the oracle were measured (nothing to compare otherwise)."""
     out = {}
+    if not all(any(r.get("scores") == k for r in rows) for k in ("router", "oracle")):
+        return out
     for drop in COMPARE_DROPS:
         r, o = 1 - fraction_at(rows, "router", drop), 1 - fraction_at(rows, "oracle", drop)
         out[f"{drop:.0%}"] = {
@@ -281,7 +284,7 @@ def _rules_view(rules: dict, metric: str) -> list:
     for k, v in rules["savings"].items():
         ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
         s.add(k, pct(v["router_savings"]), pct(v["oracle_savings"]), ratio)
-    return [t, s]
+    return [t, s] if rules["savings"] else [t]
 
 
 def view(record: dict) -> list:
