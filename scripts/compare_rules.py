@@ -43,12 +43,12 @@ def markdown(path: str) -> str:
         lines.append("")
     if rules["savings"]:  # routers and the oracle were both measured
         lines += ["| quality drop | router savings | oracle savings | ratio |", "|---|---|---|---|"]
-    for k, v in rules["savings"].items():
-        ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
-        lines.append(
-            f"| {k} | {100 * v['router_savings']:.1f}% | {100 * v['oracle_savings']:.1f}% "
-            f"| {ratio} |"
-        )
+        for k, v in rules["savings"].items():
+            ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
+            lines.append(
+                f"| {k} | {100 * v['router_savings']:.1f}% | {100 * v['oracle_savings']:.1f}% "
+                f"| {ratio} |"
+            )
     return "\n".join(lines)
 
 

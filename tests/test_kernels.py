@@ -250,10 +250,13 @@ def test_threshold_kernel_follows_weight_changes():
     torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
 
 
-def test_threshold_kernel_follows_policy_changes():
-    """Its cached plan (thresholds, weight arguments) is rebuilt for a new policy and for a
-    change of execution: each call equals the masked reference under the policy it ran with."""
+def test_threshold_kernel_follows_policy_changes(monkeypatch):
+    """Its cached plan (thresholds, weight arguments) is rebuilt for a new policy, and masked
+    execution never takes it: each call equals the masked reference under its policy."""
     moe, x = _threshold_layer(2)
+    calls = []
+    orig = kernels.threshold_ffn
+    monkeypatch.setattr(kernels, "threshold_ffn", lambda *a: calls.append(1) or orig(*a))
     pols = [
         ("threshold", {0: 0.05}, "activation", {0: 0.3}),
         ("threshold", {0: 0.4}, "activation", {0: 0.8}),
@@ -265,12 +268,12 @@ def test_threshold_kernel_follows_policy_changes():
             moe.policy = type(moe.policy)(
                 rule, per_layer=per_layer, scores=scores, input_thresholds=t_in
             )
-            moe.execution = "sparse"
+            moe.execution, calls[:] = "sparse", []
             got = moe(x)
-            assert moe._plan is not None and moe._plan[2] is not None  # the kernel ran
+            assert calls == [1]  # the kernel ran
             moe.execution = "masked"
             want = moe(x)
-            assert moe._plan[2] is None  # masked execution: no plan
+            assert calls == [1]  # masked execution: not the kernel
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

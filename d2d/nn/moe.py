@@ -113,7 +113,7 @@ class MoEFFN(nn.Module):
         # derived copies of the weights the threshold kernel reads, keyed by the weights'
         # versions (rebuilt after training changes them; not saved)
         self._derived: dict[str, tuple[tuple, object]] = {}
-        # (policy, weight versions, plan) of the threshold kernel (_threshold_plan)
+        # (policy, index and weight versions, plan) of the threshold kernel (_threshold_plan)
         self._plan: tuple | None = None
 
     @property
@@ -285,17 +285,14 @@ class MoEFFN(nn.Module):
 
     def _threshold_plan(self) -> tuple | None:
         """(input threshold, unit threshold, the kernel's weight arguments) where this layer's
-        policy, weights and execution let the threshold kernel run it, else None: a threshold on
-        exact values (TEAL-style, CATS-style, exact magnitude), fp32 CPU weights, an activation
-        the kernel computes, the kernels built. (Gate scores read the whole input: the kernel
-        does not combine them with input thresholds.) Cached per policy and weight version, so
-        that a decoding step pays a lookup in every layer, not these checks and copies."""
+        policy and weights let the threshold kernel run it, else None: a threshold on exact
+        values (TEAL-style, CATS-style, exact magnitude), fp32 CPU weights, an activation the
+        kernel computes, the kernels built; the execution mode is _threshold_ok's check. (Gate
+        scores read the whole input: the kernel does not combine them with input thresholds.)
+        Cached per policy, index and weight version, so that a decoding step pays a lookup in
+        every layer, not these checks and copies."""
         p, weights = self.policy, (self.w_in, self.w_gate, self.w_out)
-        key = (
-            self.execution,
-            self.index,
-            *((w.data_ptr(), w._version) for w in weights if w is not None),
-        )
+        key = (self.index, *((w.data_ptr(), w._version) for w in weights if w is not None))
         hit = self._plan
         if hit is not None and hit[0] is p and hit[1] == key:
             return hit[2]
@@ -304,7 +301,6 @@ class MoEFFN(nn.Module):
             p.rule == "threshold"
             and p.scores in kernels.SCORE_CODES
             and (p.scores != "gate" or (self.gated and t_in == 0))
-            and self.execution == "sparse"
             and all(
                 w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
                 for w in weights
@@ -335,15 +331,13 @@ class MoEFFN(nn.Module):
 
     def _threshold_ok(self, x2: torch.Tensor) -> bool:
         """Whether this call runs the threshold kernel: a few fp32 CPU tokens past the dense
-        sink, inference (no autograd, autocast or capture), a layer _threshold_plan accepts."""
+        sink, the fast inference path, a layer _threshold_plan accepts."""
         n = x2.shape[0]
         return (
             0 < n <= self.THRESHOLD_MAX_TOKENS
-            and self.capture is None
             and x2.dtype == torch.float32
             and x2.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
+            and self._fast_inference(x2)
             and self._threshold_plan() is not None
             and not (self._may_sink(n) and bool(self._sink_rows(n).any()))
         )
@@ -358,9 +352,9 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # TEAL-style input sparsity: gate and up read only the entries above the threshold
         if self._threshold_ok(x2):
             return self._threshold_run(x2).view(*shape[:-1], self.d_out)
+        # TEAL-style input sparsity: gate and up read only the entries above the threshold
         t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
         kept = (x2.abs() >= t_in) if t_in > 0 else None
         if kept is not None:  # the dense sink reads its whole input too
