@@ -52,3 +52,38 @@ def test_bench_at_given_taus(calibrated):
 def test_bench_needs_a_converted_model(model_dirs):
     res = runner.invoke(app, ["bench", model_dirs["gated"], *SHORT])
     assert res.exit_code == 2 and "convert" in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "sparse"])
+def test_bench_counts_the_calls_auto_execution_runs_dense(tokenizer, mode):
+    """Under exact-value thresholds, `--execution auto` runs prompts and decoding batches above
+    the threshold kernel's limit as the dense FFN and its FLOPs say so (100%); batch-1 decoding
+    stays routed. `--execution sparse` routes every call."""
+    from types import SimpleNamespace
+
+    from tiny import tiny
+
+    from d2d.nn.structure import moe_layers
+    from d2d.stages import BenchConfig, ConvertConfig, convert
+    from d2d.stages.bench import bench
+
+    m = tiny("gated", vocab=tokenizer.vocab_size)
+    convert(m, ConvertConfig(expert_size=1))
+    layers = moe_layers(m)
+    pol = {"rule": "threshold", "scores": "activation", "dense_positions": 1}
+    pol["thresholds"] = {str(i): 0.05 for i in layers}
+    pol["input_thresholds"] = {str(i): 0.3 for i in layers}
+    art = SimpleNamespace(model=m, tokenizer=tokenizer, meta={"routing": pol}, path=None)
+    cfg = BenchConfig(
+        token_counts="1,16", reps=1, warmup=0, prompt_len=16, decode_batch="1,8",
+        decode_prompt=4, new_tokens=3, execution=mode,
+    )  # fmt: skip
+    out = bench(art, cfg)
+    layer = {r["tokens"]: r["flops_fraction"] for r in out["layer"]["rows"]}
+    model = {r["measure"]: r["ffn_flops_fraction"] for r in out["model"]}
+    assert layer[1] < 1.0 and model["decode, batch 1"] < 1.0
+    big = [layer[16], model["prefill 16 tokens"], model["decode, batch 8"]]
+    if mode == "auto":
+        assert big == [1.0, 1.0, 1.0]
+    else:
+        assert all(f < 1.0 for f in big)

@@ -329,3 +329,91 @@ def test_bench_memory_counts_the_transposed_copies():
     copies = sum(2 * moe.w_in.numel() * 4 for moe in layers.values())  # gate and up, fp32
     assert after["tensor_bytes"] - before["tensor_bytes"] == copies
     assert after["dense_tensor_bytes"] == before["dense_tensor_bytes"]
+
+
+def test_auto_execution_runs_dense_where_thresholds_cannot_pay():
+    """Under "auto", a call of exact-value thresholds above the kernel's token limit (a prompt,
+    batch decoding) runs every expert, equals the dense FFN and is counted as every expert with
+    the whole input; a call within the limit takes the kernel and equals the routed reference.
+    "sparse" keeps routing every call."""
+    from d2d.nn.moe import LayerStats
+
+    moe, _ = _threshold_layer(2)
+    moe.policy = type(moe.policy)(
+        "threshold", per_layer={0: 0.1}, scores="activation", input_thresholds={0: 0.3}
+    )
+    many = torch.randn(moe.THRESHOLD_MAX_TOKENS + 3, moe.d_model)
+    one = many[:1]
+    with torch.no_grad():
+        dense = moe.down(moe.hidden(many))
+        moe.execution = "masked"
+        routed_many, routed_one = moe(many), moe(one)
+        assert not torch.allclose(routed_many, dense)  # the thresholds do skip work here
+
+        moe.execution, moe.stats = "auto", LayerStats()
+        torch.testing.assert_close(moe(many), dense, rtol=1e-5, atol=1e-5)
+        st = moe.stats
+        assert st.tokens == len(many) and st.executed == len(many) * moe.n_experts
+        assert st.input_fraction() == 1.0
+        assert moe.token_macs(st) == moe.expert_macs() * moe.n_experts  # counted dense
+
+        moe.stats = LayerStats()
+        torch.testing.assert_close(moe(one), routed_one, rtol=1e-5, atol=1e-5)
+        assert moe.stats.executed < moe.n_experts  # one token: routed (the kernel)
+
+        moe.execution, moe.stats = "sparse", None
+        torch.testing.assert_close(moe(many), routed_many, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_execution_keeps_routers_and_training_routed():
+    """Execution "auto" changes only exact-value threshold calls above the limit: learned
+    routers keep their sparse path at any token count, and autograd the routed reference."""
+    m = routed_model("gated")
+    ids = torch.randint(1, 96, (2, 9))
+    with routing(m, {"rule": "tau", "tau": 0.3}):
+        with execution(m, "masked"):
+            want = outputs(m, input_ids=ids)
+        with execution(m, "auto"):
+            got = outputs(m, input_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    moe, _ = _threshold_layer(2)
+    moe.execution = "auto"
+    x = torch.randn(moe.THRESHOLD_MAX_TOKENS + 3, moe.d_model, requires_grad=True)
+    assert not moe._dense_call(x)  # training: the routed reference
+    with torch.no_grad():
+        assert moe._dense_call(x)
+        moe.policy = type(moe.policy)("threshold", per_layer={0: 0.0}, scores="activation")
+        assert not moe._dense_call(x)  # nothing to skip: the ordinary path is dense anyway
+
+
+@pytest.mark.parametrize("family", ["gated", "gpt2", "bert"])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_small_units_fast_path_equals_masked_at_1_16_512_tokens(family, size):
+    """Experts of 1, 2 and 4 neurons under learned routers and under TEAL-style thresholds:
+    the fast path (kernels) equals the masked reference on 1 token, 16 and 512 tokens, the
+    batches padded."""
+    m = tiny(family, seed=1)
+    convert(m, ConvertConfig(expert_size=size))
+    layers = moe_layers(m)
+    torch.manual_seed(1)
+    attach_routers(layers, 16)
+    teal = {"rule": "threshold", "scores": "activation", "dense_positions": 1}
+    teal["thresholds"] = {str(i): 0.05 for i in layers}
+    teal["input_thresholds"] = {str(i): 0.4 for i in layers}
+    policies = [{"rule": "tau", "tau": 0.3, "dense_positions": 1}, teal]
+    g = torch.Generator().manual_seed(size)
+    for rows, length in ((1, 1), (2, 8), (4, 128)):  # 1, 16 and 512 tokens
+        ids = torch.randint(1, 96, (rows, length), generator=g)
+        am = torch.ones_like(ids)
+        if rows > 1:
+            am[1, : length // 2] = 0  # a padded row
+        for pol in policies:
+            # one token at position 0 would lie in the dense sink: route it
+            pol = {**pol, "dense_positions": 0 if length == 1 else 1}
+            with routing(m, pol):
+                with execution(m, "masked"):
+                    want = outputs(m, input_ids=ids, attention_mask=am)
+                with execution(m, "sparse"):
+                    got = outputs(m, input_ids=ids, attention_mask=am)
+            real = am.bool()
+            torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)

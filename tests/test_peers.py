@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tiny import outputs, tiny
 
 from d2d.measure.flops import converted_ffn_flops, dense_ffn_macs
-from d2d.nn.routing import collecting, routing
-from d2d.nn.structure import moe_layers
+from d2d.nn.routing import collecting, execution, routing
+from d2d.nn.structure import attach_routers, moe_layers
 from d2d.stages import ConvertConfig, convert
 
 
@@ -33,6 +33,21 @@ def test_every_unit_selected_equals_dense(family, size):
     ):
         with routing(m, policy):
             torch.testing.assert_close(outputs(m, ids), ref)
+    # rules that can skip (so scores, masks and the fast paths run) at values that keep every
+    # unit with a non-zero output, in each execution
+    tiny_t = {"0": 1e-30, "1": 1e-30}
+    attach_routers(moe_layers(m), 8)
+    for policy in (
+        {"rule": "threshold", "scores": "activation", "thresholds": tiny_t},
+        {"rule": "threshold", "scores": "magnitude", "thresholds": tiny_t},
+        {"rule": "tau", "tau": 1e-12, "scores": "oracle"},
+        {"rule": "tau", "tau": 1e-12},  # router scores (softplus: all positive)
+    ):
+        with routing(m, policy):
+            assert all(layer.routes() for layer in moe_layers(m).values())
+            for mode in ("sparse", "auto", "masked"):
+                with execution(m, mode):
+                    torch.testing.assert_close(outputs(m, ids), ref)
 
 
 def _ffn_input(m, ids, layer=1):

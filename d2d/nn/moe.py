@@ -108,7 +108,9 @@ class MoEFFN(nn.Module):
         self.stats: LayerStats | None = None  # collect when not None
         self.capture = None  # callable(x, h) used by router training and calibration
         # "sparse": run only the selected experts (d2d/nn/kernels.py) where it applies;
-        # "masked": compute every expert and zero the unselected ones (the reference)
+        # "auto": the same, but a call whose routing cannot beat the dense product runs every
+        # expert and is counted so (_dense_call); "masked": compute every expert and zero the
+        # unselected ones (the reference)
         self.execution = "sparse"
         # derived copies of the weights the threshold kernel reads, keyed by the weights'
         # versions (rebuilt after training changes them; not saved)
@@ -254,7 +256,7 @@ class MoEFFN(nn.Module):
         """The conditions every fast path shares: sparse execution asked for, nothing captured,
         no autograd, no autocast."""
         return (
-            self.execution == "sparse"
+            self.execution in ("sparse", "auto")
             and self.capture is None
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled(x2.device.type)
@@ -342,6 +344,22 @@ class MoEFFN(nn.Module):
             and not (self._may_sink(n) and bool(self._sink_rows(n).any()))
         )
 
+    def _dense_call(self, x2: torch.Tensor) -> bool:
+        """Whether "auto" execution runs this call as the dense FFN: exact-value thresholds that
+        can skip work, on more tokens than the threshold kernel takes (a prompt, a decoding
+        batch) or where the kernel cannot run. Each token of such a call keeps its own input
+        entries and units, so the masked computation reads every weight and adds scores and
+        masks on top: slower than the dense product it would have to beat."""
+        p = self.policy
+        return (
+            self.execution == "auto"
+            and p.rule == "threshold"
+            and p.scores in kernels.SCORE_CODES
+            and (self.routes() or p.input_threshold(self.index) > 0)
+            and self._fast_inference(x2)
+            and not self._threshold_ok(x2)
+        )
+
     def _threshold_run(self, x2: torch.Tensor) -> torch.Tensor:
         t_in, t_unit, args = self._plan[2]
         y, mask, kept = kernels.threshold_ffn(x2, t_in, t_unit, args, self.n_experts)
@@ -354,6 +372,10 @@ class MoEFFN(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self._threshold_ok(x2):
             return self._threshold_run(x2).view(*shape[:-1], self.d_out)
+        if self._dense_call(x2):  # counted as what it runs: every expert, the whole input
+            if self.stats is not None:
+                self._record(None, x2.shape[0], None)
+            return self.down(self.hidden(x2)).view(*shape[:-1], self.d_out)
         # TEAL-style input sparsity: gate and up read only the entries above the threshold
         t_in = self.policy.input_threshold(self.index) if self.capture is None else 0.0
         kept = (x2.abs() >= t_in) if t_in > 0 else None

@@ -51,14 +51,16 @@ def routing(model: nn.Module, policy: RoutingPolicy | dict):
             m.policy = saved[i]
 
 
-EXECUTIONS = ("sparse", "masked")
+EXECUTIONS = ("sparse", "auto", "masked")
 
 
 @contextmanager
 def execution(model: nn.Module, mode: str):
     """Run the MoE layers with `mode` during the block: "sparse" (only the selected experts,
-    where the fast kernels apply) or "masked" (every expert computed, unselected ones zeroed:
-    the reference)."""
+    where the fast kernels apply; every call routed, as quality is measured), "auto" (the same,
+    except that a call whose routing cannot beat the dense product runs every expert and is
+    counted so: exact-value thresholds on prompts and decoding batches; for generation and
+    `d2d bench`) or "masked" (every expert computed, unselected ones zeroed: the reference)."""
     if mode not in EXECUTIONS:
         raise D2DError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
     moes = moe_layers(model)

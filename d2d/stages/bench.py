@@ -39,8 +39,18 @@ class BenchConfig:
     warmup: int = field(default=2, metadata={"help": "Untimed repetitions first."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data split."})
+    execution: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: a call that its routing cannot make faster than the dense product "
+            "(exact-value thresholds on a prompt or a decoding batch) runs every expert, "
+            "counted so in the FLOPs; sparse: every call routed."
+        },
+    )
 
     def __post_init__(self):
+        if self.execution not in ("auto", "sparse"):
+            raise D2DError(f"execution must be auto or sparse, got {self.execution!r}")
         if self.taus:
             parse_taus(self.taus)
         parse_int_list(self.token_counts, "token-counts")
@@ -85,6 +95,7 @@ def bench(art, cfg: BenchConfig, progress: Progress = null_progress) -> dict:
     from d2d.measure.flops import dense_ffn_macs
     from d2d.measure.timing import layer_bench, machine, memory, model_bench
     from d2d.nn.depth import mod_blocks
+    from d2d.nn.routing import execution
     from d2d.nn.structure import moe_layers
 
     moes = moe_layers(art.model)
@@ -98,8 +109,9 @@ def bench(art, cfg: BenchConfig, progress: Progress = null_progress) -> dict:
     pols = policies(art, cfg.taus)
     out = {"machine": machine(), "config": asdict(cfg)}
     moe_policies = [(n, p) for n, p in pols if p.get("depth") != "topk"]
-    out["layer"] = layer_bench(art, cfg, moe_policies, progress) if moes else None
-    out["model"] = model_bench(art, cfg, pols, progress) if cfg.model else []
+    with execution(art.model, cfg.execution):
+        out["layer"] = layer_bench(art, cfg, moe_policies, progress) if moes else None
+        out["model"] = model_bench(art, cfg, pols, progress) if cfg.model else []
     out["memory"] = memory(art)
     out["dense_ffn_macs_per_token"] = sum(dense_ffn_macs(art.model))
     return out
@@ -149,6 +161,12 @@ def view(record: dict) -> list:
                 f"{r['speedup']:.2f}x",
             )
         out.append(t)
+    if m["config"].get("execution", "sparse") == "auto":
+        out.append(
+            "execution auto: calls that exact-value thresholds cannot make faster than the "
+            "dense product (more tokens than the threshold kernel takes) run every expert; "
+            "the FLOPs above count them so (--execution sparse routes every call)"
+        )
     mem, mach = m["memory"], m["machine"]
     out.append(
         f"memory: tensors {mem['tensor_bytes'] / 2**20:.1f} MB = {mem['ratio']:.3f} x the dense "
