@@ -54,11 +54,11 @@ def test_bench_needs_a_converted_model(model_dirs):
     assert res.exit_code == 2 and "convert" in res.stderr
 
 
-@pytest.mark.parametrize("mode", ["auto", "sparse"])
-def test_bench_counts_the_calls_auto_execution_runs_dense(tokenizer, mode):
+def test_bench_counts_the_calls_auto_execution_runs_dense(tokenizer):
     """Under exact-value thresholds, `--execution auto` runs prompts and decoding batches above
     the threshold kernel's limit as the dense FFN and its FLOPs say so (100%); batch-1 decoding
-    stays routed. `--execution sparse` routes every call."""
+    stays routed, and its row counts the decoding steps alone, as it times them. `--execution
+    sparse` routes every call."""
     from types import SimpleNamespace
 
     from tiny import tiny
@@ -74,16 +74,18 @@ def test_bench_counts_the_calls_auto_execution_runs_dense(tokenizer, mode):
     pol["thresholds"] = {str(i): 0.05 for i in layers}
     pol["input_thresholds"] = {str(i): 0.3 for i in layers}
     art = SimpleNamespace(model=m, tokenizer=tokenizer, meta={"routing": pol}, path=None)
-    cfg = BenchConfig(
-        token_counts="1,16", reps=1, warmup=0, prompt_len=16, decode_batch="1,8",
-        decode_prompt=4, new_tokens=3, execution=mode,
-    )  # fmt: skip
-    out = bench(art, cfg)
-    layer = {r["tokens"]: r["flops_fraction"] for r in out["layer"]["rows"]}
-    model = {r["measure"]: r["ffn_flops_fraction"] for r in out["model"]}
-    assert layer[1] < 1.0 and model["decode, batch 1"] < 1.0
-    big = [layer[16], model["prefill 16 tokens"], model["decode, batch 8"]]
-    if mode == "auto":
-        assert big == [1.0, 1.0, 1.0]
-    else:
-        assert all(f < 1.0 for f in big)
+    got = {}
+    for mode in ("auto", "sparse"):
+        cfg = BenchConfig(
+            token_counts="1,16", reps=1, warmup=0, prompt_len=16, decode_batch="1,8",
+            decode_prompt=8, new_tokens=3, execution=mode,
+        )  # fmt: skip
+        out = bench(art, cfg)
+        got[mode] = {r["tokens"]: r["flops_fraction"] for r in out["layer"]["rows"]}
+        got[mode] |= {r["measure"]: r["ffn_flops_fraction"] for r in out["model"]}
+    auto, sparse = got["auto"], got["sparse"]
+    assert auto[1] == sparse[1] < 1.0
+    assert auto["decode, batch 1"] == pytest.approx(sparse["decode, batch 1"])
+    assert auto["decode, batch 1"] < 1.0
+    for big in (16, "prefill 16 tokens", "decode, batch 8"):
+        assert auto[big] == 1.0 and sparse[big] < 1.0, big

@@ -244,7 +244,7 @@ def model_bench(art, cfg, policies, progress: Progress) -> list[dict]:
 
             with routing(model, pol), collecting(model) as stats, mod_stats(model) as ds:
                 with torch.no_grad():
-                    decode_loop(model, start, cfg.new_tokens, ds)
+                    decode_loop(model, start, cfg.new_tokens, ds, stats)
             ctx = cfg.decode_prompt + cfg.new_tokens
             ffn_f, model_f = fractions(model, ctx, True, stats, ds)
             t = interleaved({"dense": decode(DENSE), "d2d": decode(pol)}, cfg.reps, cfg.warmup)
@@ -271,15 +271,20 @@ def _reference(model, pol):
     return linear_projections(model) if pol is DENSE else contextlib.nullcontext()
 
 
-def decode_loop(model, prompt: torch.Tensor, n: int, dstats: dict | None = None) -> float:
+def decode_loop(
+    model, prompt: torch.Tensor, n: int, dstats: dict | None = None, stats: dict | None = None
+) -> float:
     """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
-    of the n decode steps only. `dstats` (Mixture-of-Depths counts) keeps the decode steps'."""
+    of the n decode steps only. `dstats` (Mixture-of-Depths counts) and `stats` (the MoE
+    layers', from `collecting`) keep the decode steps' counts only, as the time does."""
     # the KV cache is `cache` in newer transformers, `past_key_values` before
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=prompt, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     for s in (dstats or {}).values():
         s.update(real=0, chosen=0, agree=0)
+    for s in (stats or {}).values():
+        s.reset()
     synchronize(prompt.device)
     t0 = time.perf_counter()
     for _ in range(n):

@@ -59,6 +59,10 @@ class LayerStats:
     input_kept: float = 0.0  # summed over tokens: the share of input entries kept (TEAL-style)
     extra: dict = field(default_factory=dict)
 
+    def reset(self) -> None:
+        """Forget what was counted (the same object stays collected into)."""
+        self.__init__()
+
     def fraction(self, n_experts: int) -> float:
         return self.executed / max(1, self.tokens * n_experts)
 
