@@ -76,6 +76,26 @@ def projection_paths(fam: arch.Family, names: list[str] | None) -> list[tuple[st
     return [(n, table[n]) for n in names]
 
 
+def attention_projection(fam: arch.Family, block: nn.Module, index: int, name: str, path: str):
+    """The module of one projection the family's table names, checked: a linear layer (or
+    GPT-2's Conv1D) at that path, else a one-line error naming what d2d replaces."""
+    try:
+        mod = arch.get_path(block, path)
+    except AttributeError:
+        mod = None
+    w = getattr(mod, "weight", None)
+    if isinstance(mod, ProjectionMLP):
+        return mod
+    if not (isinstance(w, torch.Tensor) and w.dim() == 2):
+        names = ", ".join(n for n, _ in fam.attention)
+        raise D2DError(
+            f"unsupported attention layout: block {index} has no linear {name} projection at "
+            f"{path!r} (d2d replaces the {fam.name} family's {names} projections as separate "
+            "linear layers); choose others with --projections"
+        )
+    return mod
+
+
 def replace_projections(
     model: nn.Module, layers: list[int], names: list[str] | None, hidden: dict[str, int]
 ) -> dict[tuple[int, str], tuple[ProjectionMLP, torch.Tensor, torch.Tensor | None]]:
@@ -86,7 +106,7 @@ def replace_projections(
     out = {}
     for i in layers:
         for name, path in projection_paths(fam, names):
-            mod = arch.get_path(blocks[i], path)
+            mod = attention_projection(fam, blocks[i], i, name, path)
             if isinstance(mod, ProjectionMLP):
                 raise D2DError(f"layer {i}'s {name} projection is already an MLP")
             w, b = arch.read_linear(mod, fam.conv1d)

@@ -136,14 +136,32 @@ def _capture(model, targets: dict, batches, bf16: bool) -> dict:
     return {k: (torch.cat(xs), torch.cat(ys)) for k, (xs, ys) in store.items()}
 
 
-def run(art, cfg: AttentionMLPConfig, progress):
+def _held_errors(mlps, held: dict) -> dict:
+    """Per MLP on its projection's held-out data: relative squared error, share of zeros."""
     import torch
+
+    per = {}
+    with torch.no_grad():
+        for k, m in mlps.items():
+            x, y = held[k][0].float(), held[k][1]
+            h = m.hidden(x)
+            err = float((m.fc2(h) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12))
+            per[k] = {"rel_error": err, "zeros": float((h == 0).float().mean())}
+    return per
+
+
+def run(art, cfg: AttentionMLPConfig, progress):
     from torch import nn
 
     from d2d import arch
     from d2d.measure.evaluate import Evaluator, batches_for
     from d2d.nn.policy import ALL
-    from d2d.nn.projection import projection_mlps, projection_paths, replace_projections
+    from d2d.nn.projection import (
+        attention_projection,
+        projection_mlps,
+        projection_paths,
+        replace_projections,
+    )
     from d2d.train import cached_loop, train
 
     model = art.model
@@ -155,7 +173,9 @@ def run(art, cfg: AttentionMLPConfig, progress):
     paths = projection_paths(fam, cfg.names())
     ev = Evaluator.of(model, art.tokenizer, cfg, "heldout", cfg.eval_tokens)
     q_before = ev.measure(model, ALL).quality
-    targets = {f"{i}_{n}": arch.get_path(blocks[i], p) for i in layers for n, p in paths}
+    targets = {
+        f"{i}_{n}": attention_projection(fam, blocks[i], i, n, p) for i in layers for n, p in paths
+    }
     c = cfg
     args = (model, art.tokenizer, c.data)
     train_b = batches_for(*args, "train", c.seq_len, c.tokens, c.seed, c.doc_split)
@@ -173,6 +193,7 @@ def run(art, cfg: AttentionMLPConfig, progress):
     for mlp, w, b in made.values():
         mlp.start_from(w, b)
     mlps = nn.ModuleDict({f"{i}_{n}": mlp for (i, n), (mlp, _, _) in made.items()})
+    start = _held_errors(mlps, held)  # the error training starts from (0 for an exact start)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -185,13 +206,9 @@ def run(art, cfg: AttentionMLPConfig, progress):
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    per = {}
-    with torch.no_grad():
-        for k, m in mlps.items():
-            x, y = held[k][0].float(), held[k][1]
-            h = m.hidden(x)
-            err = float((m.fc2(h) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-12))
-            per[k] = {"rel_error": err, "zeros": float((h == 0).float().mean())}
+    per = {
+        k: {**v, "start_error": start[k]["rel_error"]} for k, v in _held_errors(mlps, held).items()
+    }
     q_after = ev.measure(model, ALL).quality
     vals = list(per.values())
     metrics = {
@@ -226,11 +243,12 @@ def view(record: dict) -> list:
     m = record["metrics"]
     t = Table(
         "attention projections as MLPs (held-out)",
-        ["layer_projection", "relative error", "zero activations"],
+        ["layer_projection", "relative error at start", "relative error", "zero activations"],
     )
     for k, v in m["per_projection"].items():
-        t.add(k, f"{v['rel_error']:.3g}", pct(v["zeros"]))
-    t.add("mean", f"{m['mean_rel_error']:.3g}", pct(m["mean_zeros"]), style="bold")
+        s0 = v.get("start_error")
+        t.add(k, "" if s0 is None else f"{s0:.3g}", f"{v['rel_error']:.3g}", pct(v["zeros"]))
+    t.add("mean", "", f"{m['mean_rel_error']:.3g}", pct(m["mean_zeros"]), style="bold")
     return [t, summary(record)]
 
 
