@@ -28,7 +28,7 @@ from d2d.inspect import describe_folder
 from d2d.io import atomic_dir
 from d2d.lineage import last_stage
 from d2d.measure.evaluate import Evaluator
-from d2d.nn.depth import depth_mode, mod_blocks
+from d2d.nn.depth import depth_mode, mod_blocks, skip_kind, skip_text
 from d2d.nn.policy import key_order
 from d2d.nn.policy import label as policy_label
 from d2d.options import parse_taus
@@ -67,7 +67,15 @@ def measure_routing_map(path: Path, meta: dict, data: str | None) -> dict:
             for i, b in mod_blocks(art.model).items()
         }
     tokens = [art.tokenizer.decode([t]) for t in ids[0, :MAP_TOKENS].tolist()]
-    return {"tokens": tokens, "maps": maps, "data": data, "window": int(ids.shape[1])}
+    skip, keep_kv = skip_kind(art.model)
+    return {
+        "tokens": tokens,
+        "maps": maps,
+        "data": data,
+        "window": int(ids.shape[1]),
+        "skip": skip,
+        "keep_kv": keep_kv,
+    }
 
 
 def routing_map_figure(rmap: dict) -> bytes:
@@ -88,7 +96,8 @@ def routing_map_figure(rmap: dict) -> bytes:
         share = mat.mean() if mat.size else 0.0
         ax.set_title(f"{title}: {100 * share:.0f}% of these tokens processed", fontsize=9)
     axes[-1].set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
-    axes[-1].set_xlabel("token (dark: the block processes it; white: it skips the block)")
+    what = skip_text(rmap.get("skip", "block"), rmap.get("keep_kv", False))
+    axes[-1].set_xlabel(f"token (dark: the block processes it; white: it skips {what})")
     return _png(fig)
 
 
@@ -381,9 +390,10 @@ def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str
         ]
     mod = last_stage(meta, "mod")
     if mod and mod.get("metrics"):
-        mm = mod["metrics"]
+        mm, mst = mod["metrics"], mod.get("structure") or {}
         cards += [
             ("MoD capacity", f"{mm['capacity']:g} on {len(mm['routed_layers'])} blocks"),
+            ("MoD skips", skip_text(mst.get("skip", "block"), mst.get("keep_kv", False))),
             ("perplexity, causal", f"{mm['causal']['perplexity']:.4g}"),
             ("perplexity, top-k", f"{mm['topk']['perplexity']:.4g}"),
         ]

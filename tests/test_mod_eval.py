@@ -192,9 +192,9 @@ def test_bench_times_mod_artifacts(mod_artifact, tmp_path):
     assert m["layer"] is None  # no converted FFN to time alone
     got = [(r["measure"], r["routing"]) for r in m["model"]]
     assert got == [
-        ("prefill 16 tokens", "MoD topk (capacity 0.5)"),
-        ("prefill 16 tokens", "MoD causal (capacity 0.5)"),
-        ("decode, batch 1", "MoD causal (capacity 0.5)"),
+        ("prefill 16 tokens", "MoD topk (capacity 0.5, skipping the block)"),
+        ("prefill 16 tokens", "MoD causal (capacity 0.5, skipping the block)"),
+        ("decode, batch 1", "MoD causal (capacity 0.5, skipping the block)"),
     ]
     assert m["model"][0]["model_flops_fraction"] < 1.0
     for r in m["model"]:

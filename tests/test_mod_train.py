@@ -117,8 +117,29 @@ def trains_records_and_replays(model_dirs, out, options, steps, key, value, desc
 def test_skip_attention_trains_records_and_replays(model_dirs, tmp_path):
     trains_records_and_replays(
         model_dirs, tmp_path / "m", ["--skip", "attention"], 10, "skip", "attention",
-        "skipping the attention",
+        "skipping attention",
     )  # fmt: skip
+
+
+def test_skip_mlp_trains_records_replays_and_is_named_where_measured(model_dirs, tmp_path):
+    """--skip mlp through the CLI: trained, recorded, replayed; eval, bench and inspect say
+    what the routed blocks skip and count the MLPs run."""
+    out = tmp_path / "m"
+    trains_records_and_replays(
+        model_dirs, out, ["--skip", "mlp"], 6, "skip", "mlp", "skipping the MLP"
+    )
+    res = runner.invoke(
+        app, ["eval", str(out), "--tokens", "256", "--seq-len", "32", "--no-bf16"],
+        env={"COLUMNS": "250"},
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "skipping the MLP" in res.output and "MLPs run" in res.output
+    args = ["--reps", "1", "--warmup", "0", "--prompt-len", "16", "--decode-batch", "1"]
+    args += ["--decode-prompt", "4", "--new-tokens", "2", "--json", str(tmp_path / "b.json")]
+    res = runner.invoke(app, ["bench", str(out), *args], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())["metrics"]["model"]
+    assert all("skipping the MLP" in r["routing"] for r in rows)
 
 
 def test_keep_kv_trains_records_and_replays(model_dirs, tmp_path):

@@ -66,6 +66,25 @@ MODES = (*DEPTH_MODES, "threshold")
 _LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
+# what the share of (token, routed block) pairs processed counts, for each skip kind
+RUN_LABEL = {"block": "blocks run", "attention": "attention run", "mlp": "MLPs run"}
+
+
+def skip_text(skip: str, keep_kv: bool = False) -> str:
+    """What a skipped token skips, in words: "the block", "attention (keys and values kept)"."""
+    what = {"block": "the block", "attention": "attention", "mlp": "the MLP"}[skip]
+    return what + (" (keys and values kept)" if keep_kv else "")
+
+
+def skip_kind(model: nn.Module) -> tuple[str, bool] | None:
+    """(skip, keep_kv) of the model's routed blocks, None without any."""
+    blocks = mod_blocks(model)
+    if not blocks:
+        return None
+    b = next(iter(blocks.values()))
+    return b.skip, b.keep_kv
+
+
 def _check_keep_kv(block: nn.Module, skip: str) -> None:
     """keep_kv computes the attention itself: LLaMA-style attention only (separate q, k, v, o
     projections, rotary embeddings of the rotate-half form, no sliding window or soft-capping)."""

@@ -65,7 +65,7 @@ class BenchConfig:
 def policies(art, taus: str = "") -> list[tuple[str, dict]]:
     """(label, policy) to time: the chosen routing or the given global taus; for routed blocks
     each under top-k and under the causal decision."""
-    from d2d.nn.depth import mod_blocks
+    from d2d.nn.depth import mod_blocks, skip_text
     from d2d.nn.policy import global_tau, label
     from d2d.nn.structure import moe_layers
 
@@ -81,9 +81,10 @@ def policies(art, taus: str = "") -> list[tuple[str, dict]]:
         raise D2DError("this artifact has no chosen routing: run d2d calibrate, or pass --tau")
     if not blocks:
         return out
-    cap = next(iter(blocks.values())).capacity
+    b = next(iter(blocks.values()))
+    what = f"capacity {b.capacity:g}, skipping {skip_text(b.skip, b.keep_kv)}"
     return [
-        (f"{name}{', ' if name else ''}MoD {mode} (capacity {cap:g})", {**pol, "depth": mode})
+        (f"{name}{', ' if name else ''}MoD {mode} ({what})", {**pol, "depth": mode})
         for name, pol in out
         for mode in ("topk", "causal")
     ]

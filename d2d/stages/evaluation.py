@@ -158,7 +158,13 @@ def run(art, cfg: EvalConfig, progress):
         )
         progress("lm-evaluation-harness", 2, 2)
     if blocks:
-        out["mod"] = {"layers": sorted(blocks), "capacity": next(iter(blocks.values())).capacity}
+        b = next(iter(blocks.values()))
+        out["mod"] = {
+            "layers": sorted(blocks),
+            "capacity": b.capacity,
+            "skip": b.skip,
+            "keep_kv": b.keep_kv,
+        }
     return out, {}
 
 
@@ -288,18 +294,22 @@ def _rules_view(rules: dict, metric: str) -> list:
 
 
 def view(record: dict) -> list:
+    from d2d.nn.depth import RUN_LABEL, skip_text
     from d2d.nn.policy import label
 
     m = record["metrics"]
     routing = [] if m.get("mod") and m["policy"].get("rule") == "all" else [m["policy"]]
     routing = [f"routing: {label(p)}" for p in routing]
-    if m.get("mod"):
-        routing.append(f"MoD capacity {m['mod']['capacity']:g}")
+    mod = m.get("mod") or {}
+    if mod:
+        what = skip_text(mod.get("skip", "block"), mod.get("keep_kv", False))
+        routing.append(f"MoD capacity {mod['capacity']:g}, skipping {what}")
     depth = any("depth" in r for r in m["rows"])
     routed = any("routed_fraction" in r for r in m["rows"])  # attention projections converted
     cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs"]
     cols += ["converted layers' FLOPs"] if routed else []
-    cols += ["model FLOPs"] + (["blocks run", "causal accuracy"] if depth else [])
+    run_label = RUN_LABEL[mod.get("skip", "block")]  # the share of (token, block) pairs
+    cols += ["model FLOPs"] + ([run_label, "causal accuracy"] if depth else [])
     t = Table(f"held-out evaluation ({m['tokens']} tokens), {', '.join(routing)}", cols)
     for r in m["rows"]:
         d = r.get("depth") or {}

@@ -381,23 +381,30 @@ def replay(model, structure: dict) -> None:
 
 
 def summary(record: dict) -> str:
+    from d2d.nn.depth import skip_text
+
     m, st = record["metrics"], record.get("structure") or {}
     tk, ca = m["topk"], m["causal"]
-    kept = ", keys and values kept" if st.get("keep_kv") else ""
+    what = skip_text(st.get("skip", "block"), st.get("keep_kv", False))
     return (
         f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}, "
-        f"skipping the {st.get('skip', 'block')}{kept}); "
+        f"skipping {what}); "
         f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
         f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
     )
 
 
 def view(record: dict) -> list:
-    m = record["metrics"]
+    from d2d.nn.depth import RUN_LABEL, skip_text
+
+    m, st = record["metrics"], record.get("structure") or {}
+    skip = st.get("skip", "block")
+    run = RUN_LABEL[skip]
     t = Table(
         f"held-out perplexity, capacity {m['capacity']:g} on blocks "
-        f"{','.join(str(i) for i in m['routed_layers'])}",
-        ["routing", "perplexity", "blocks run", "routed blocks run", "model FLOPs"]
+        f"{','.join(str(i) for i in m['routed_layers'])}, skipping "
+        f"{skip_text(skip, st.get('keep_kv', False))}",
+        ["routing", "perplexity", run, f"{run} in routed blocks", "model FLOPs"]
         + ["causal accuracy"],
     )
     t.add("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "100.0%", "")
@@ -438,16 +445,18 @@ def about(meta: dict) -> dict | None:
 
 
 def about_lines(described: dict) -> list[str]:
+    from d2d.nn.depth import skip_text
+
     if not described.get("mod"):
         return []
     mod = described["mod"]
     pred = {"mlp": "MLP predictor", "threshold": "router logit against its threshold"}.get(
         mod["predictor"], "the router's sign"
     )
+    what = skip_text(mod.get("skip") or "block", bool(mod.get("keep_kv")))
     return [
         f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
-        f"(skipping the {mod.get('skip') or 'block'}"
-        f"{', keys and values kept' if mod.get('keep_kv') else ''}) at capacity "
+        f"(skipping {what}) at capacity "
         f"{mod['capacity']:g} (top-k), "
         f"sink {mod.get('sink') or 0}; generation "
         f"decides causally ({pred})"
