@@ -261,3 +261,31 @@ def test_no_router_oracle_table_without_both():
     assert got["router_savings"] == pytest.approx(0.2)
     assert got["oracle_savings"] == pytest.approx(0.4)
     assert got["ratio"] == pytest.approx(0.5)
+
+
+def test_layer_errors_by_hand(tokenizer, text_dir):
+    """eval --layer-errors: each converted layer's routed output against every expert on the
+    same input; zero with every expert, and for the first layer (whose input no routing
+    changes) the hand computation."""
+    from d2d.measure.evaluate import Evaluator
+
+    m = tiny("gated", vocab=tokenizer.vocab_size)
+    convert(m, ConvertConfig(expert_size=4))
+    ev = Evaluator(m, tokenizer, data=text_dir, split="heldout", seq_len=16, tokens=64, bf16=False)
+    pol = {"rule": "tau", "tau": 0.5, "scores": "oracle"}
+    assert all(v == 0.0 for v in ev.layer_errors(m, {"rule": "all"}).values())
+    got = ev.layer_errors(m, pol)
+    assert set(got) == {"0", "1"} and got["1"] > 0
+    layer = moe_layers(m)[0]
+    xs = []
+    h = layer.register_forward_pre_hook(lambda mod, a: xs.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for b in ev.batches:
+            m(input_ids=b["input_ids"])
+    h.remove()
+    x = torch.cat(xs)
+    with torch.no_grad(), routing(m, pol):
+        y = layer(x)
+        full = layer.down(layer.hidden(x))
+    want = float((y - full).pow(2).sum() / full.pow(2).sum())
+    assert got["0"] == pytest.approx(want, rel=1e-4) and want > 0

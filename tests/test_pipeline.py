@@ -43,6 +43,13 @@ def test_stages_chain(family, metric, model_dirs, tmp_path):
     dense, conv = ev["metrics"]["rows"]
     assert dense["ffn_fraction"] == 1.0 and dense["drop"] == 0.0
     assert conv["metric"] == metric and conv["ffn_fraction"] <= 1.0 + 1e-9
+    # --layer-errors: one figure per converted layer, rendered as a table
+    from d2d.stages.evaluation import view
+
+    rec = run_stage("eval", str(tmp_path / "cal"), EvalConfig(layer_errors=True, **SMALL))
+    errs = rec["metrics"]["layer_errors"]
+    assert set(errs) == set(conv["layer_fractions"]) and all(v >= 0 for v in errs.values())
+    assert any("each converted layer" in getattr(t, "title", "") for t in view(rec))
     # the chosen routing is replayed on load
     art = load_artifact(tmp_path / "cal")
     assert art.meta["routing"] == meta["routing"]
@@ -58,6 +65,8 @@ def test_eval_at_explicit_tau_and_refusals(model_dirs, tmp_path):
         run_stage("eval", str(tmp_path / "c"), EvalConfig(tau=0.2, **SMALL))
     ev = run_stage("eval", model_dirs["gated"], EvalConfig(**SMALL))
     assert len(ev["metrics"]["rows"]) == 2 and ev["metrics"]["rows"][1]["drop"] == 0.0
+    with pytest.raises(D2DError, match="--layer-errors needs a converted model"):
+        run_stage("eval", model_dirs["gated"], EvalConfig(layer_errors=True, **SMALL))
 
 
 def test_classification_data_without_labels_is_refused(model_dirs, tmp_path):

@@ -203,6 +203,44 @@ class Evaluator:
         flops.quality = q
         return flops
 
+    def layer_errors(
+        self, model, policy: RoutingPolicy | dict, progress: Progress = null_progress
+    ) -> dict[str, float]:
+        """Per converted layer (FFNs and attention projections): the relative squared error
+        sum ||y - y_all||^2 / sum ||y_all||^2 of its output under `policy` against the same
+        layer with every expert on the same input, over the real tokens, the model routed
+        throughout (each layer's input carries the routing before it): where a routing's
+        loss comes from."""
+        moes = moe_layers(model)
+        acc = {k: [0.0, 0.0] for k in moes}
+
+        def make(k):
+            def hook(mod, args, y):
+                x = args[0].reshape(-1, mod.d_model)
+                with torch.no_grad():
+                    full = mod.down(mod.hidden(x)).float()
+                    err = (y.reshape(full.shape).float() - full).pow(2).sum(-1)
+                    ref = full.pow(2).sum(-1)
+                    tm = mod.context.token_mask
+                    if tm is not None and tm.numel() == err.numel():
+                        real = tm.reshape(-1).bool()
+                        err, ref = err[real], ref[real]
+                acc[k][0] += float(err.sum())
+                acc[k][1] += float(ref.sum())
+
+            return hook
+
+        handles = [m.register_forward_hook(make(k)) for k, m in moes.items()]
+        try:
+            with routing(model, policy):
+                for j, b in enumerate(self.batches):
+                    self._forward(model, b)
+                    progress("layer errors", j + 1, len(self.batches))
+        finally:
+            for h in handles:
+                h.remove()
+        return {str(k): e / max(r, 1e-30) for k, (e, r) in acc.items()}
+
     def _flops(self, model, stats, dstats) -> Measurement:
         causal = self.task == "causal-lm"
         blocks = summarise(dstats, len(dense_ffn_macs(model))) if dstats else {}

@@ -57,6 +57,13 @@ class EvalConfig(SampleFields):
     lm_eval_batch_size: int = field(
         default=8, metadata={"help": "Batch size of the harness's forward passes."}
     )
+    layer_errors: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure each converted layer's relative output error under the "
+            "routing against every expert on the same input (FFNs and attention projections)."
+        },
+    )
     seq_len: int = field(default=512, metadata={"help": "Tokens per sequence."})
     tokens: int = field(default=12288, metadata={"help": "Held-out tokens."})
 
@@ -138,6 +145,12 @@ def run(art, cfg: EvalConfig, progress):
             }
         )
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
+    if cfg.layer_errors:
+        from d2d.nn.structure import moe_layers
+
+        if not moe_layers(art.model):
+            raise D2DError("--layer-errors needs a converted model: run d2d convert first")
+        out["layer_errors"] = ev.layer_errors(art.model, policy, progress)
     if cfg.compare_rules:
         out["rules"] = compare_rules(art, cfg, ev, progress)
     if cfg.lm_eval:
@@ -325,6 +338,18 @@ def view(record: dict) -> list:
             *(extra if depth else []),
         )
     out = [t, "time: see d2d bench (it times the fast path against dense in one run)"]
+    if m.get("layer_errors"):
+        from d2d.nn.policy import key_order
+
+        e = Table(
+            "each converted layer's output under the routing against every expert "
+            "(relative squared error, the model routed throughout)",
+            ["layer", "relative error", "experts run"],
+        )
+        fr = m["rows"][-1].get("layer_fractions", {})
+        for k in sorted(m["layer_errors"], key=key_order):
+            e.add(k, f"{m['layer_errors'][k]:.4f}", pct(fr[k]) if k in fr else "")
+        out.append(e)
     if m.get("rules"):
         out += _rules_view(m["rules"], m["rows"][0]["metric"])
     if m.get("lm_eval"):
