@@ -34,7 +34,7 @@ from d2d.nn.policy import label as policy_label
 from d2d.options import parse_taus
 from d2d.progress import Progress, null_progress
 from d2d.stages import load_artifact
-from d2d.stages.base import Table
+from d2d.stages.base import Table, agreement_text
 from d2d.stages.calibrate import calibration_table
 from d2d.stages.evaluation import chosen_policy
 
@@ -397,8 +397,9 @@ def _page(summary: dict, meta: dict, figs: dict, captions: dict, notes: list[str
             ("perplexity, causal", f"{mm['causal']['perplexity']:.4g}"),
             ("perplexity, top-k", f"{mm['topk']['perplexity']:.4g}"),
         ]
-        if mm["topk"].get("predictor_accuracy") is not None:
-            cards.append(("causal accuracy", _pct(mm["topk"]["predictor_accuracy"])))
+        for row in (mm["topk"], mm["causal"]):
+            if agreement_text(row):
+                cards.append(("causal decision agrees with", agreement_text(row)))
     moe = summary.get("moe")
     if moe:
         cards.append(("experts", f"{len(moe['layers'] or [])} layers x {moe['n_experts']}"))

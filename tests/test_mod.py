@@ -294,6 +294,40 @@ def test_threshold_routing_trains_on_batch_quantiles_and_decodes_like_prefill():
     torch.testing.assert_close(stepwise(m, ids, 5)[0], full, rtol=1e-4, atol=1e-5)
 
 
+def test_agreement_with_the_training_routing_by_hand():
+    """Under the causal decision, mod_stats counts where a threshold-trained block's decision
+    (logit against its running threshold) agrees with what training would choose on the same
+    batch (its quantile over the real, unforced tokens); decoding steps leave it unmeasured."""
+    from d2d.nn.depth import mod_stats, summarise
+
+    m = llama(seed=2)
+    routed = insert_mod(m, [1, 3], capacity=0.5, sink=1)
+    for b in routed.values():
+        b.add_threshold()
+        b.threshold.fill_(0.05)
+    randomise_routers(m, seed=5)
+    set_mode(m, "causal")
+    ids = torch.randint(1, 96, (3, 16), generator=torch.Generator().manual_seed(1))
+    with mod_stats(m) as st, torch.no_grad():
+        m(input_ids=ids)
+    agree = real = 0
+    for b in routed.values():
+        r = b.last_logits
+        free = torch.ones_like(r, dtype=torch.bool)
+        free[:, 0] = False  # the sink
+        t = torch.quantile(r[free].float(), 0.5)
+        want = (r >= t) | ~free
+        assert torch.equal(b.training_choice(), want)
+        agree += int((want == (r >= 0.05) | ~free).sum())
+        real += r.numel()
+    got = summarise(st, 4)["training_agreement"]
+    assert got == pytest.approx(agree / real) and got < 1.0
+    assert summarise(st, 4)["predictor_accuracy"] is None  # top-k was not measured
+    with mod_stats(m) as st, torch.no_grad():
+        stepwise(m, ids, 5)
+    assert summarise(st, 4)["training_agreement"] is None
+
+
 def test_fit_thresholds_takes_the_capacity_share_of_the_fitted_tokens():
     from d2d.nn.depth import fit_thresholds
 

@@ -179,7 +179,8 @@ def test_eval_reports_topk_and_causal_rows(mod_artifact, tmp_path):
     assert topk["ffn_fraction"] == pytest.approx(0.75)
     assert 0.0 <= topk["depth"]["predictor_accuracy"] <= 1.0
     assert causal["depth"]["predictor_accuracy"] is None  # it is the decision itself
-    assert "blocks run" in res.output and "causal accuracy" in res.output
+    assert "blocks run" in res.output and "causal decision agrees with" in res.output
+    assert "(top-k)" in res.output
 
 
 def test_bench_times_mod_artifacts(mod_artifact, tmp_path):

@@ -273,6 +273,18 @@ class MoDBlock(nn.Module):
         choice = r >= t
         return _taken(choice, forced, real)
 
+    @torch.no_grad()
+    def training_choice(self) -> torch.Tensor:
+        """[B, T] what threshold routing in training would choose in the last forward: the
+        tokens at or above that batch's (1 - capacity) quantile of the router logit over its
+        real, unforced tokens (without updating the running threshold)."""
+        r, real, forced = self.last_logits, self.last_real, self.last_forced
+        free = real if forced is None else real & ~forced
+        if not bool(free.any()):
+            return _taken(torch.zeros_like(real), forced, real)
+        t = torch.quantile(r[free].float(), 1.0 - self.capacity).to(r.dtype)
+        return _taken(r >= t, forced, real)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -653,9 +665,12 @@ def depth_mode(model: nn.Module, mode: str | None, capacity: float | None = None
 @contextmanager
 def mod_stats(model: nn.Module):
     """Per routed block during the block: real tokens, processed tokens, and how often the
-    causal decision agrees with top-k membership at the block's capacity. Yields {layer: counts}."""
+    causal decision agrees with top-k membership at the block's capacity ("agree", measured
+    under top-k) and, for blocks trained with threshold routing, with the routing they trained
+    with: the batch's (1 - capacity) quantile of the router logit ("agree_train", measured under
+    the causal decision). Yields {layer: counts}."""
     blocks = mod_blocks(model)
-    stats = {i: {"real": 0, "chosen": 0, "agree": 0} for i in blocks}
+    stats = {i: {"real": 0, "chosen": 0, "agree": 0, "agree_train": 0} for i in blocks}
     handles = []
     for i, b in blocks.items():
 
@@ -667,6 +682,18 @@ def mod_stats(model: nn.Module):
                 s["agree"] += int((((block.last_causal > 0) == block.last_choice) & real).sum())
             else:
                 s["agree"] = None
+            # (a batch quantile needs whole sequences: decoding steps leave it unmeasured)
+            whole = block.last_real.shape[-1] > 1
+            if (
+                block.mode == "causal"
+                and block.thresholded
+                and whole
+                and s["agree_train"] is not None
+            ):
+                trained = block.training_choice()
+                s["agree_train"] += int(((trained == block.last_choice) & real).sum())
+            else:
+                s["agree_train"] = None
 
         handles.append(b.register_forward_hook(hook))
     try:
@@ -682,16 +709,21 @@ def processed(stats: dict) -> dict[int, float]:
 
 
 def summarise(stats: dict, n_layers: int) -> dict:
-    """Processed fractions (per routed block, of the routed blocks, of all blocks) and the
-    causal decision's agreement with top-k (None unless measured under top-k)."""
+    """Processed fractions (per routed block, of the routed blocks, of all blocks), the causal
+    decision's agreement with top-k (None unless measured under top-k) and, for blocks trained
+    with threshold routing, with that routing (None unless measured under the causal
+    decision)."""
     real = sum(s["real"] for s in stats.values())
     chosen = sum(s["chosen"] for s in stats.values())
     routed = chosen / real if real else float("nan")
     k = len(stats)
     agree = [s["agree"] for s in stats.values()]
+    train = [s.get("agree_train") for s in stats.values()]
     return {
         "processed": {str(i): f for i, f in processed(stats).items()},
         "routed_block_fraction": routed,
         "block_fraction": (n_layers - k + k * routed) / n_layers,
         "predictor_accuracy": sum(agree) / real if real and None not in agree else None,
+        # the causal decision of threshold-trained blocks against their training routing
+        "training_agreement": sum(train) / real if real and None not in train else None,
     }

@@ -35,6 +35,16 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def agreement_text(depth: dict) -> str:
+    """The causal decision's agreement with top-k (measured under top-k) or with the batch
+    quantile that threshold routing trained with (measured under the causal decision)."""
+    if depth.get("predictor_accuracy") is not None:
+        return f"{pct(depth['predictor_accuracy'])} (top-k)"
+    if depth.get("training_agreement") is not None:
+        return f"{pct(depth['training_agreement'])} (training's batch quantile)"
+    return ""
+
+
 def change(drop: float) -> str:
     """A quality change as a signed percentage (runaway values capped)."""
     return f"{100 * drop:+.1f}%" if abs(drop) < 10 else (">+999%" if drop > 0 else "<-999%")

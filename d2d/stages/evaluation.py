@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
 from d2d.options import parse_budgets
-from d2d.stages.base import SampleFields, Stage, Table, change, pct
+from d2d.stages.base import SampleFields, Stage, Table, agreement_text, change, pct
 
 
 @dataclass
@@ -322,12 +322,11 @@ def view(record: dict) -> list:
     cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs"]
     cols += ["converted layers' FLOPs"] if routed else []
     run_label = RUN_LABEL[mod.get("skip", "block")]  # the share of (token, block) pairs
-    cols += ["model FLOPs"] + ([run_label, "causal accuracy"] if depth else [])
+    cols += ["model FLOPs"] + ([run_label, "causal decision agrees with"] if depth else [])
     t = Table(f"held-out evaluation ({m['tokens']} tokens), {', '.join(routing)}", cols)
     for r in m["rows"]:
         d = r.get("depth") or {}
-        acc = d.get("predictor_accuracy")
-        extra = [pct(d.get("block_fraction", 1.0)), "" if acc is None else pct(acc)]
+        extra = [pct(d.get("block_fraction", 1.0)), agreement_text(d)]
         t.add(
             r["model"],
             f"{r['quality']:.4g}",

@@ -13,7 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from d2d.errors import D2DError
-from d2d.stages.base import DistillFields, Stage, Table, at_least, corpus_of, one_of, pct, thin
+from d2d.stages.base import (
+    DistillFields,
+    Stage,
+    Table,
+    agreement_text,
+    at_least,
+    corpus_of,
+    one_of,
+    pct,
+    thin,
+)
 
 PREDICTORS = ("aux-loss", "mlp")
 
@@ -390,7 +400,8 @@ def summary(record: dict) -> str:
         f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}, "
         f"skipping {what}); "
         f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
-        f"{ca['perplexity']:.4g} causal; decision accuracy {tk['predictor_accuracy']:.1%}"
+        f"{ca['perplexity']:.4g} causal; the causal decision agrees with "
+        + "; with ".join(a for a in (agreement_text(tk), agreement_text(ca)) if a)
     )
 
 
@@ -405,19 +416,18 @@ def view(record: dict) -> list:
         f"{','.join(str(i) for i in m['routed_layers'])}, skipping "
         f"{skip_text(skip, st.get('keep_kv', False))}",
         ["routing", "perplexity", run, f"{run} in routed blocks", "model FLOPs"]
-        + ["causal accuracy"],
+        + ["causal decision agrees with"],
     )
     t.add("dense", f"{m['dense_perplexity']:.4g}", "100.0%", "100.0%", "100.0%", "")
     for mode, name in (("topk", "top-k"), ("causal", "causal predictor")):
         r = m[mode]
-        acc = r.get("predictor_accuracy")
         t.add(
             name,
             f"{r['perplexity']:.4g}",
             pct(r["block_fraction"]),
             pct(r["routed_block_fraction"]),
             pct(r["model_fraction"]) if "model_fraction" in r else "",
-            "" if acc is None else pct(acc),
+            agreement_text(r),
         )
     sens = m.get("block_sensitivity")
     if not sens:
