@@ -20,7 +20,10 @@ def markdown(path: str) -> str:
         rules = {"dense_quality": d["dense_quality"], "rows": d["rows"]}
         rules["savings"] = d["savings_ratio"]
         metric, tokens = d["metric"], d["tokens"]
-        for r in rules["rows"]:
+        for r in rules["rows"]:  # "router global tau": the scores are the name's first word
+            scores, _, rule = r["rule"].partition(" ")
+            if r.get("scores") is None and scores in ("router", "oracle"):
+                r["scores"], r["rule"] = scores, rule
             r.setdefault("scores", "")
     groups: dict[str, list] = {}
     for r in rules["rows"]:
@@ -49,6 +52,23 @@ def markdown(path: str) -> str:
                 f"| {k} | {100 * v['router_savings']:.1f}% | {100 * v['oracle_savings']:.1f}% "
                 f"| {ratio} |"
             )
+        # each rule with the routers' scores against itself with the oracle's (computed from
+        # the rows, so earlier JSON files get it too)
+        from d2d.stages.evaluation import savings_ratio
+
+        drops = list(rules["savings"])
+        lines += ["", "| rule (router / oracle savings) | " + " | ".join(drops) + " |"]
+        lines.append("|---" * (len(drops) + 1) + "|")
+        for rule in dict.fromkeys(r["rule"] for r in rules["rows"]):
+            per = savings_ratio(rules["rows"], rule)
+            if not per:
+                continue
+            cells = [
+                ("n/a" if v["ratio"] is None else f"{v['ratio']:.2f}")
+                + f" ({100 * v['router_savings']:.1f}% / {100 * v['oracle_savings']:.1f}%)"
+                for v in (per[d] for d in drops)
+            ]
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -204,3 +204,6 @@ def test_eval_compare_rules_router_and_oracle(calibrated, tmp_path):
     assert topk[("oracle", 0.5)] <= topk[("router", 0.5)] * 1.05
     assert set(rules["savings"]) == {"1%", "2%", "5%", "10%"}
     assert "oracle savings" in res.output
+    by_rule = rules["savings_by_rule"]
+    assert {"global-tau", "per-layer-tau", "per-layer-threshold", "static-topk"} <= set(by_rule)
+    assert "each rule: router savings / oracle savings" in res.output

@@ -263,6 +263,27 @@ def test_no_router_oracle_table_without_both():
     assert got["ratio"] == pytest.approx(0.5)
 
 
+def test_savings_ratio_of_each_rule():
+    """Per rule, the routers' savings against the oracle's with the same rule; the pooled
+    figure takes the best rule on each side."""
+    from d2d.stages.evaluation import savings_ratio
+
+    def row(scores, rule, frac, drop):
+        return {"scores": scores, "rule": rule, "ffn_fraction": frac, "drop": drop}
+
+    rows = [
+        row("router", "tau", 0.9, 0.02), row("oracle", "tau", 0.5, 0.02),
+        row("router", "topk", 0.7, 0.02), row("oracle", "topk", 0.6, 0.02),
+        row("activation", "teal", 0.6, 0.02),
+    ]  # fmt: skip
+    tau, topk = savings_ratio(rows, "tau")["5%"], savings_ratio(rows, "topk")["5%"]
+    assert tau["ratio"] == pytest.approx(0.1 / 0.5) and topk["ratio"] == pytest.approx(0.3 / 0.4)
+    pooled = savings_ratio(rows)["5%"]
+    assert pooled["router_savings"] == pytest.approx(0.3)
+    assert pooled["oracle_savings"] == pytest.approx(0.5)
+    assert savings_ratio(rows, "teal") == {}  # no router or oracle row for it
+
+
 def test_layer_errors_by_hand(tokenizer, text_dir):
     """eval --layer-errors: each converted layer's routed output against every expert on the
     same input; zero with every expert, and for the first layer (whose input no routing

@@ -242,18 +242,25 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
                   progress, trial)  # fmt: skip
     for r in rows:
         r.pop("layer_fractions", None)
-    return {"dense_quality": dense_q, "rows": rows, "savings": savings_ratio(rows)}
+    by_rule = {k: savings_ratio(rows, k) for k in dict.fromkeys(r["rule"] for r in rows)}
+    return {
+        "dense_quality": dense_q,
+        "rows": rows,
+        "savings": savings_ratio(rows),
+        # each rule with the routers' scores against the same rule with the oracle's
+        "savings_by_rule": {k: v for k, v in by_rule.items() if v},
+    }
 
 
-def fraction_at(rows: list[dict], scores: str, drop: float) -> float:
-    """The lowest FFN fraction any rule with `scores` reaches at quality drop <= `drop`;
-    within one rule, linear interpolation between its neighbouring settings."""
+def fraction_at(rows: list[dict], scores: str, drop: float, rule: str | None = None) -> float:
+    """The lowest FFN fraction any rule (or `rule`) with `scores` reaches at quality drop <=
+    `drop`; within one rule, linear interpolation between its neighbouring settings."""
     best = 1.0
-    for rule in {r["rule"] for r in rows if r["scores"] == scores}:
+    for name in {r["rule"] for r in rows if r["scores"] == scores and rule in (None, r["rule"])}:
         pts = sorted(
             (r["drop"], r["ffn_fraction"])
             for r in rows
-            if r["rule"] == rule and r["scores"] == scores
+            if r["rule"] == name and r["scores"] == scores
         )
         for (d0, f0), (d1, f1) in zip(pts, pts[1:], strict=False):
             if d0 <= drop < d1 and d1 > d0:
@@ -262,14 +269,19 @@ def fraction_at(rows: list[dict], scores: str, drop: float) -> float:
     return best
 
 
-def savings_ratio(rows: list[dict]) -> dict:
-    """Router savings / oracle savings of FFN FLOPs at equal quality drop, for a few drops;
-    empty unless both routers and the oracle were measured (nothing to compare otherwise)."""
+def savings_ratio(rows: list[dict], rule: str | None = None) -> dict:
+    """Router savings / oracle savings of FFN FLOPs at equal quality drop, for a few drops: the
+    best of every rule on each side, or one `rule` on both; empty unless both routers and the
+    oracle were measured (nothing to compare otherwise)."""
     out = {}
-    if not all(any(r.get("scores") == k for r in rows) for k in ("router", "oracle")):
+    if not all(
+        any(r.get("scores") == k and rule in (None, r["rule"]) for r in rows)
+        for k in ("router", "oracle")
+    ):
         return out
     for drop in COMPARE_DROPS:
-        r, o = 1 - fraction_at(rows, "router", drop), 1 - fraction_at(rows, "oracle", drop)
+        r = 1 - fraction_at(rows, "router", drop, rule)
+        o = 1 - fraction_at(rows, "oracle", drop, rule)
         out[f"{drop:.0%}"] = {
             "router_savings": r,
             "oracle_savings": o,
@@ -303,7 +315,24 @@ def _rules_view(rules: dict, metric: str) -> list:
     for k, v in rules["savings"].items():
         ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
         s.add(k, pct(v["router_savings"]), pct(v["oracle_savings"]), ratio)
-    return [t, s] if rules["savings"] else [t]
+    if not rules["savings"]:
+        return [t]
+    by_rule = rules.get("savings_by_rule") or {}
+    drops = list(rules["savings"])
+    b = Table(
+        "each rule: router savings / oracle savings at equal quality drop (router and oracle "
+        "FFN savings in brackets)",
+        ["rule", *drops],
+        left=("rule",),
+    )
+    for rule, vals in by_rule.items():
+        b.add(rule, *(_ratio_cell(vals[d]) for d in drops))
+    return [t, s, b] if by_rule else [t, s]
+
+
+def _ratio_cell(v: dict) -> str:
+    ratio = "n/a" if v["ratio"] is None else f"{v['ratio']:.2f}"
+    return f"{ratio} ({pct(v['router_savings'])} / {pct(v['oracle_savings'])})"
 
 
 def view(record: dict) -> list:
