@@ -236,3 +236,60 @@ def test_layers_auto_routes_the_least_sensitive_blocks(model_dirs, tmp_path):
     k = len([i for i in range(n_blocks) if i % 2 == 1])
     assert m["routed_layers"] == sorted(sorted(sens, key=sens.get)[:k])
     assert list(mod_blocks(d2d.load(out))) == m["routed_layers"]
+
+
+def test_allocate_gives_cheap_blocks_low_capacity(monkeypatch):
+    """--allocate: from each block's cost at each capacity, the blocks and capacities of least
+    summed cost that skip as many (token, block) pairs as --every blocks at --capacity."""
+    from types import SimpleNamespace
+
+    import d2d.stages.mod as mod
+
+    # blocks 1-5: block 2 costs nothing to skip, block 4 a little, the others a lot
+    base = {1: 1.0, 2: 0.0, 3: 1.0, 4: 0.1, 5: 1.0}
+
+    def fake(art, cfg, n_layers, progress, capacity=None):
+        return {b: c * (1 - capacity) ** 2 for b, c in base.items()}
+
+    monkeypatch.setattr(mod, "block_sensitivity", fake)
+    cfg = ModConfig(layers="auto", allocate=True, every=3, capacity=0.5)
+    got = mod.allocate_depth(SimpleNamespace(), cfg, 6, None)
+    # --every 3 of 6 blocks at 0.5 skips 2 x 0.5 = 1 block's worth of the 5 candidates
+    caps = got["capacities"]
+    assert got["processed_budget"] == pytest.approx(0.8)
+    assert sum(1 - c for c in caps.values()) >= 1.0 - 1e-9  # at least as much skipped
+    assert caps[2] == 0.25 and set(caps) <= {2, 4}  # the cheap blocks, the cheapest deepest
+    assert got["estimated_cost"] == pytest.approx(
+        sum(fake(0, 0, 0, 0, c)[b] for b, c in caps.items())
+    )
+
+
+def test_allocate_trains_records_and_replays(tmp_path, tokenizer):
+    from tiny import tiny
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = tiny("gated", vocab=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**{**m.config.to_dict(), "num_hidden_layers": 5})).eval()
+    m.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    out = tmp_path / "m"
+    args = ["mod", str(tmp_path / "base"), "-o", str(out), "--layers", "auto", "--allocate"]
+    args += ["--sensitivity-tokens", "128", "--every", "2", "--capacity", "0.5"]
+    args += ["--routing", "threshold", "--freeze-base"]
+    short = FAST[:-2] + ["--steps", "4"]
+    res = runner.invoke(app, args + short, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "--allocate: each block's cost of skipping" in res.output
+    st = json.loads((out / "d2d.json").read_text())["stages"][-1]["structure"]
+    caps = {int(b): c for b, c in st["capacities"].items()}
+    assert sorted(caps) == st["layers"] and all(c < 1.0 for c in caps.values())
+    assert sum(1 - c for c in caps.values()) >= 2 * 0.5 - 1e-9  # as much as 2 blocks at 0.5
+    model = d2d.load(out)
+    assert {i: b.capacity for i, b in mod_blocks(model).items()} == caps
+    res = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0 and "(allocated)" in res.output
+    bad = runner.invoke(
+        app, ["mod", str(tmp_path / "base"), "-o", str(tmp_path / "x"), "--allocate"]
+    )
+    assert bad.exit_code != 0 and "add --layers auto" in bad.output

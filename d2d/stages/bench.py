@@ -82,7 +82,9 @@ def policies(art, taus: str = "") -> list[tuple[str, dict]]:
     if not blocks:
         return out
     b = next(iter(blocks.values()))
-    what = f"capacity {b.capacity:g}, skipping {skip_text(b.skip, b.keep_kv)}"
+    caps = sorted({blk.capacity for blk in blocks.values()})
+    cap = f"capacity {caps[0]:g}" if len(caps) == 1 else f"capacities {caps[0]:g}-{caps[-1]:g}"
+    what = f"{cap}, skipping {skip_text(b.skip, b.keep_kv)}"
     return [
         (f"{name}{', ' if name else ''}MoD {mode} ({what})", {**pol, "depth": mode})
         for name, pol in out

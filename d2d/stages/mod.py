@@ -47,6 +47,15 @@ class ModConfig(DistillFields):
         default=4096,
         metadata={"help": "Calibration tokens for --layers auto (one forward per block)."},
     )
+    allocate: bool = field(
+        default=False,
+        metadata={
+            "help": "With --layers auto: choose the routed blocks and each one's capacity "
+            "(1.0, 0.75, 0.5, 0.25, --capacity) from each block's measured cost of skipping at "
+            "those capacities, so that as many (token, block) pairs skip as --every and "
+            "--capacity would make skip (allocated as calibrate allocates FFN budgets)."
+        },
+    )
     skip: str = field(
         default="block",
         metadata={
@@ -117,6 +126,8 @@ class ModConfig(DistillFields):
         at_least(self, 1, "every")
         at_least(self, 0, "sink", "aux_weight", "lora_rank")
         at_least(self, 1, "sensitivity_tokens")
+        if self.allocate and self.layers.strip().lower() != "auto":
+            raise D2DError("--allocate chooses blocks from measured costs: add --layers auto")
         if self.lora_rank and not self.freeze_base:
             raise D2DError("--lora-rank trains adapters on a frozen base: add --freeze-base")
         if not 0.0 <= self.anneal <= 1.0:
@@ -130,21 +141,27 @@ class ModConfig(DistillFields):
             raise D2DError(f"router-lr must be > 0, got {self.router_lr}")
         super().__post_init__()
 
-    def capacity_at(self, step: int) -> float:
-        """Capacity for optimizer step `step`: linear from 1.0 to `capacity` over the first
-        `anneal` of the steps, so that the dense model is not shocked."""
+    def capacity_at(self, step: int, target: float | None = None) -> float:
+        """Capacity for optimizer step `step`: linear from 1.0 to `target` (default
+        `capacity`) over the first `anneal` of the steps, so that the dense model is not
+        shocked."""
+        target = self.capacity if target is None else target
         span = self.anneal * self.steps
         if span <= 0 or step >= span:
-            return self.capacity
-        return 1.0 - (1.0 - self.capacity) * step / span
+            return target
+        return 1.0 - (1.0 - target) * step / span
 
 
 class ModTask:
     """The training loop's task: LM loss at the annealed capacity, plus the decision's BCE."""
 
-    def __init__(self, blocks: dict, ids, cfg: ModConfig, evaluate_fn, teacher=None):
+    def __init__(
+        self, blocks: dict, ids, cfg: ModConfig, evaluate_fn, teacher=None, capacities=None
+    ):
         self.ids, self.cfg, self.evaluate_fn = ids, cfg, evaluate_fn
         self.blocks, self.teacher = blocks, teacher
+        # each block's target capacity (--allocate), else --capacity for all
+        self.capacities = capacities or {i: cfg.capacity for i in blocks}
         self.n_examples = len(ids)
 
     def new_parameters(self):
@@ -167,8 +184,8 @@ class ModTask:
 
         cap = self.cfg.capacity_at(step)
         mode = "threshold" if self.cfg.routing == "threshold" else "topk"
-        for b in self.blocks.values():
-            b.mode, b.capacity = mode, cap
+        for i, b in self.blocks.items():
+            b.mode, b.capacity = mode, self.cfg.capacity_at(step, self.capacities[i])
         from d2d.train import next_token_loss, teacher_kl
 
         logits = model(**batch).logits
@@ -224,8 +241,11 @@ def run(art, cfg: ModConfig, progress, out=None):
     if mod_blocks(model):
         raise D2DError("this model already has Mixture-of-Depths routers")
     n_layers = len(arch.blocks(model, arch.detect(model)))
-    sensitivity = None
-    if cfg.layers.strip().lower() == "auto":
+    sensitivity = allocation = None
+    if cfg.allocate:
+        allocation = allocate_depth(art, cfg, n_layers, progress)
+        layers = sorted(allocation["capacities"])
+    elif cfg.layers.strip().lower() == "auto":
         sensitivity = block_sensitivity(art, cfg, n_layers, progress)
         k = len(routed_layers(n_layers, cfg.every, None))
         layers = sorted(sorted(sensitivity, key=sensitivity.get)[:k])
@@ -233,10 +253,13 @@ def run(art, cfg: ModConfig, progress, out=None):
         layers = routed_layers(n_layers, cfg.every, cfg.layers or None)
     if not layers:
         raise D2DError("no block to route: use --every or --layers to pick some")
+    # each routed block's capacity: allocated, else --capacity for all
+    capacities = allocation["capacities"] if allocation else {i: cfg.capacity for i in layers}
     ev = Evaluator.of(model, art.tokenizer, cfg, "heldout", cfg.eval_tokens)
 
     def evaluate(m) -> dict:
-        set_mode(m, "causal", cfg.capacity)
+        set_capacities(m, capacities)
+        set_mode(m, "causal")
         return {mode: depth_row(ev.measure(m, {"depth": mode})) for mode in ("topk", "causal")}
 
     dense = ev.measure(model, {"rule": "all"}).quality if is_main_process() else None
@@ -255,13 +278,14 @@ def run(art, cfg: ModConfig, progress, out=None):
             b.add_predictor(hidden)
     adapters = add_lora(model, layers, cfg.lora_rank) if cfg.lora_rank else []
     ids = lm_windows(art.tokenizer, corpus_of(cfg).split("train", cfg.seed), cfg.seq_len, None)
-    task = ModTask(mod_blocks(model), ids, cfg, evaluate, teacher)
+    task = ModTask(mod_blocks(model), ids, cfg, evaluate, teacher, capacities)
     try:
         result = train_stage(model, task, cfg, art.meta["base"]["source"], out, progress, "mod")
     finally:
         merge_lora(model, adapters)
         model.requires_grad_(True)
-    set_mode(model, "causal", cfg.capacity)
+    set_capacities(model, capacities)
+    set_mode(model, "causal")
     thresholds = None
     if predictor == "threshold":  # the running quantiles lag a moving router: fit them anew
         from d2d.measure.evaluate import batches_for
@@ -277,7 +301,7 @@ def run(art, cfg: ModConfig, progress, out=None):
             cfg.seed,
             cfg.doc_split,
         )
-        thresholds = fit_thresholds(model, calib, cfg.capacity)
+        thresholds = fit_thresholds(model, calib)  # each block at its own capacity
         if is_main_process():
             result.evals.append({"step": cfg.steps, **evaluate(model)})
     structure = {
@@ -289,6 +313,8 @@ def run(art, cfg: ModConfig, progress, out=None):
         "predictor": predictor,
         "hidden": hidden,
     }
+    if allocation:
+        structure["capacities"] = {str(i): c for i, c in capacities.items()}
     if not is_main_process():
         return {"history": result.history[-1:]}, structure
     after = result.evals[-1]
@@ -306,18 +332,66 @@ def run(art, cfg: ModConfig, progress, out=None):
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
         "thresholds": thresholds,
         "block_sensitivity": sensitivity,
+        "allocation": allocation and {**allocation, "capacities": structure["capacities"]},
     }
     return metrics, structure
 
 
-def block_sensitivity(art, cfg: ModConfig, n_layers: int, progress) -> dict[int, float]:
-    """Each block's cost of skipping at the target capacity, measured on calibration text
-    (d2d.measure.sensitivity.depth_sensitivity): what `--layers auto` ranks blocks by."""
+def set_capacities(model, capacities: dict) -> None:
+    """Each routed block at its own capacity."""
+    from d2d.nn.depth import mod_blocks
+
+    for i, b in mod_blocks(model).items():
+        b.capacity = capacities[i]
+
+
+ALLOCATION_GRID = (0.75, 0.5, 0.25)
+
+
+def allocate_depth(art, cfg: ModConfig, n_layers: int, progress) -> dict:
+    """--allocate: each candidate block's cost of skipping at capacities 0.75, 0.5, 0.25 and
+    --capacity (calibration text, the largest updates kept); then the per-block capacities
+    (1.0: not routed) of least summed cost that skip as many (token, block) pairs as --every
+    blocks at --capacity would (d2d.measure.sensitivity.allocate, calibrate's allocation).
+    Returns {"capacities": {block: capacity}, "costs": {capacity: {block: nats}}, ...}."""
+    import numpy as np
+
+    from d2d.measure.sensitivity import allocate
+    from d2d.nn.depth import routed_layers
+
+    grid = sorted({*ALLOCATION_GRID, cfg.capacity}, reverse=True)
+    costs = {c: block_sensitivity(art, cfg, n_layers, progress, c) for c in grid}
+    blocks = sorted(costs[grid[0]])
+    skipped = len(routed_layers(n_layers, cfg.every, None)) * (1.0 - cfg.capacity)
+    budget = 1.0 - skipped / len(blocks)  # the mean share processed over the candidates
+    table = {
+        b: (np.array([1.0, *grid]), np.array([0.0, *(costs[c][b] for c in grid)]), [1.0, *grid])
+        for b in blocks
+    }
+    chosen = allocate(table, budget)
+    caps = {b: c for b, c in chosen.items() if c < 1.0}
+    if not caps:
+        raise D2DError("--allocate routed no block: raise --capacity's skipped share")
+    return {
+        "capacities": caps,
+        "costs": {str(c): {str(b): v for b, v in costs[c].items()} for c in grid},
+        "processed_budget": budget,
+        "estimated_cost": float(sum(costs[c][b] for b, c in caps.items())),
+    }
+
+
+def block_sensitivity(
+    art, cfg: ModConfig, n_layers: int, progress, capacity: float | None = None
+) -> dict[int, float]:
+    """Each block's cost of skipping at `capacity` (default --capacity), measured on
+    calibration text (d2d.measure.sensitivity.depth_sensitivity): what `--layers auto` ranks
+    blocks by."""
     from d2d.measure.evaluate import batches_for
     from d2d.measure.sensitivity import depth_sensitivity
 
     if n_layers < 2:
         raise D2DError("--layers auto needs a model of at least two blocks (block 0 stays dense)")
+    capacity = cfg.capacity if capacity is None else capacity
     calib = batches_for(
         art.model,
         art.tokenizer,
@@ -329,7 +403,7 @@ def block_sensitivity(art, cfg: ModConfig, n_layers: int, progress) -> dict[int,
         cfg.doc_split,
     )
     blocks = list(range(1, n_layers))
-    return depth_sensitivity(art.model, calib, blocks, cfg.capacity, cfg.skip, cfg.sink, progress)
+    return depth_sensitivity(art.model, calib, blocks, capacity, cfg.skip, cfg.sink, progress)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -382,11 +456,13 @@ def replay(model, structure: dict) -> None:
         structure.get("skip", "block"),
         structure.get("keep_kv", False),
     )
-    for b in blocks.values():
+    per_block = structure.get("capacities") or {}
+    for i, b in blocks.items():
         if structure.get("predictor") == "mlp":
             b.add_predictor(structure["hidden"])
         elif structure.get("predictor") == "threshold":
             b.add_threshold()
+        b.capacity = float(per_block.get(str(i), b.capacity))
     set_mode(model, "causal")  # generation needs the causal decision
 
 
@@ -397,7 +473,7 @@ def summary(record: dict) -> str:
     tk, ca = m["topk"], m["causal"]
     what = skip_text(st.get("skip", "block"), st.get("keep_kv", False))
     return (
-        f"capacity {st['capacity']:g} on {len(st['layers'])} blocks ({st['predictor']}, "
+        f"{capacity_text(st)} on {len(st['layers'])} blocks ({st['predictor']}, "
         f"skipping {what}); "
         f"perplexity {m['dense_perplexity']:.4g} dense, {tk['perplexity']:.4g} top-k, "
         f"{ca['perplexity']:.4g} causal; the causal decision agrees with "
@@ -412,7 +488,7 @@ def view(record: dict) -> list:
     skip = st.get("skip", "block")
     run = RUN_LABEL[skip]
     t = Table(
-        f"held-out perplexity, capacity {m['capacity']:g} on blocks "
+        f"held-out perplexity, {capacity_text({**st, 'capacity': m['capacity']})} on blocks "
         f"{','.join(str(i) for i in m['routed_layers'])}, skipping "
         f"{skip_text(skip, st.get('keep_kv', False))}",
         ["routing", "perplexity", run, f"{run} in routed blocks", "model FLOPs"]
@@ -429,6 +505,23 @@ def view(record: dict) -> list:
             pct(r["model_fraction"]) if "model_fraction" in r else "",
             agreement_text(r),
         )
+    alloc = m.get("allocation")
+    if alloc:
+        grid = list(alloc["costs"])
+        a = Table(
+            "--allocate: each block's cost of skipping (nats; calibration text, the largest "
+            f"updates kept) and the capacity chosen; mean processed share <= "
+            f"{alloc['processed_budget']:.3f}",
+            ["block", *(f"capacity {c}" for c in grid), "chosen"],
+        )
+        for b in sorted(alloc["costs"][grid[0]], key=int):
+            chosen = alloc["capacities"].get(b)
+            a.add(
+                b,
+                *(f"{alloc['costs'][c][b]:+.4f}" for c in grid),
+                "" if chosen is None else f"{chosen:g}",
+            )
+        return [t, a]
     sens = m.get("block_sensitivity")
     if not sens:
         return [t]
@@ -443,6 +536,14 @@ def view(record: dict) -> list:
     return [t, s]
 
 
+def capacity_text(st: dict) -> str:
+    """ "capacity 0.5", or each block's where --allocate chose them ("capacities 3:0.25, ...")."""
+    per = st.get("capacities")
+    if not per:
+        return f"capacity {st['capacity']:g}"
+    return "capacities " + ", ".join(f"{b}:{c:g}" for b, c in per.items()) + " (allocated)"
+
+
 def about(meta: dict) -> dict | None:
     from d2d.lineage import last_stage
 
@@ -450,7 +551,7 @@ def about(meta: dict) -> dict | None:
     if mod is None:
         return None
     st = mod.get("structure") or {}
-    keys = ("layers", "capacity", "sink", "skip", "keep_kv", "predictor", "hidden")
+    keys = ("layers", "capacity", "capacities", "sink", "skip", "keep_kv", "predictor", "hidden")
     return {"mod": {k: st.get(k) for k in keys}}
 
 
@@ -466,8 +567,7 @@ def about_lines(described: dict) -> list[str]:
     what = skip_text(mod.get("skip") or "block", bool(mod.get("keep_kv")))
     return [
         f"  Mixture-of-Depths: blocks {','.join(str(i) for i in mod['layers'] or [])} routed "
-        f"(skipping {what}) at capacity "
-        f"{mod['capacity']:g} (top-k), "
+        f"(skipping {what}) at {capacity_text(mod)} (top-k), "
         f"sink {mod.get('sink') or 0}; generation "
         f"decides causally ({pred})"
     ]
