@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--capacities", default="0.5,0.25,0.125")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill", default="8x1024")
-    ap.add_argument("--decode-batch", default="1,32")
+    ap.add_argument("--decode-batch", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
