@@ -1,5 +1,6 @@
 """The sparse execution path (only the selected experts run) equals the masked reference."""
 
+import os
 import shutil
 
 import pytest
@@ -417,3 +418,27 @@ def test_small_units_fast_path_equals_masked_at_1_16_512_tokens(family, size):
                     got = outputs(m, input_ids=ids, attention_mask=am)
             real = am.bool()
             torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_token_limit_from_the_environment():
+    """D2D_THRESHOLD_MAX_TOKENS sets the kernel's token limit (0: never the kernel, so that
+    "auto" runs such layers dense); a bad value is refused in one line where it is used."""
+    import subprocess
+    import sys
+
+    code = "from d2d.nn.moe import MoEFFN; print(MoEFFN.THRESHOLD_MAX_TOKENS)"
+    for value, want in (("", "4"), ("0", "0"), ("2", "2")):
+        env = {**os.environ, "D2D_THRESHOLD_MAX_TOKENS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+        assert out.stdout.decode().strip() == want
+    from d2d.errors import D2DError
+
+    moe, x = _threshold_layer(2)
+    moe.THRESHOLD_MAX_TOKENS = 0
+    with torch.no_grad():
+        assert not moe._threshold_ok(x)
+        moe.execution = "auto"
+        assert moe._dense_call(x)
+        moe.THRESHOLD_MAX_TOKENS = "two"
+        with pytest.raises(D2DError, match="D2D_THRESHOLD_MAX_TOKENS must be a whole number"):
+            moe(x)

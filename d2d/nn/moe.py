@@ -11,14 +11,25 @@ set by d2d.nn.routing.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2d.errors import D2DError
 from d2d.nn import kernels
 from d2d.nn.policy import ALL, RoutingPolicy
+
+
+def _env_token_limit(default: int = 4) -> int | str:
+    """D2D_THRESHOLD_MAX_TOKENS as a count >= 0, or the bad text (refused where it is used:
+    an import cannot raise the one-line error)."""
+    v = os.environ.get("D2D_THRESHOLD_MAX_TOKENS", "").strip()
+    if not v:
+        return default
+    return int(v) if v.isdigit() else v
 
 
 class Router(nn.Module):
@@ -286,8 +297,9 @@ class MoEFFN(nn.Module):
         return (kernels.sparse_ffn if cpu else kernels.grouped_ffn)(self, x2, mask)
 
     # the threshold kernel reads the weights once per token: above this many tokens in one call
-    # the dense products are faster (d2d bench, docs/results.md)
-    THRESHOLD_MAX_TOKENS = 4
+    # the dense products are faster (d2d bench, docs/results.md); the crossover depends on the
+    # CPU (scripts/threshold_crossover.py measures it): D2D_THRESHOLD_MAX_TOKENS sets it
+    THRESHOLD_MAX_TOKENS = _env_token_limit()
 
     def _threshold_plan(self) -> tuple | None:
         """(input threshold, unit threshold, the kernel's weight arguments) where this layer's
@@ -338,9 +350,13 @@ class MoEFFN(nn.Module):
     def _threshold_ok(self, x2: torch.Tensor) -> bool:
         """Whether this call runs the threshold kernel: a few fp32 CPU tokens past the dense
         sink, the fast inference path, a layer _threshold_plan accepts."""
-        n = x2.shape[0]
+        n, limit = x2.shape[0], self.THRESHOLD_MAX_TOKENS
+        if isinstance(limit, str):
+            raise D2DError(
+                f"D2D_THRESHOLD_MAX_TOKENS must be a whole number of tokens >= 0, got {limit!r}"
+            )
         return (
-            0 < n <= self.THRESHOLD_MAX_TOKENS
+            0 < n <= limit
             and x2.dtype == torch.float32
             and x2.device.type == "cpu"
             and self._fast_inference(x2)
