@@ -186,13 +186,13 @@ def sweep(
         rules = [r for r in rules if r in FREE_RULES]
 
     def add(rule: str, pol: dict, budget: float | None = None, got=None):
-        measured.append(got or ev.measure(model, pol))
+        measured.append(got or ev.measure(model, pol, progress, f"measuring {rule}"))
         rows.append(_row(rule, pol, measured[-1], dense.quality, ev.metric))
         if budget is not None:
             rows[-1]["budget"] = budget
 
     def trial(pol: dict):
-        got = ev.measure(model, pol)
+        got = ev.measure(model, pol, progress, "measuring a trial split")
         return _row("", pol, got, dense.quality, ev.metric)["drop"], got
 
     for j, tau in enumerate(taus):

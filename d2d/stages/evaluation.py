@@ -223,18 +223,20 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
             rows += [{**r, "scores": scores} for r in got[1:]]
         for f in COMPARE_TOPK:
             pol = {"rule": "topk", "fraction": f, "scores": scores, "dense_positions": sink}
-            row = _row("static-topk", pol, ev.measure(art.model, pol), dense_q, ev.metric)
+            got = ev.measure(art.model, pol, progress, f"measuring static top-k {f:g}")
+            row = _row("static-topk", pol, got, dense_q, ev.metric)
             rows.append({**row, "scores": scores, "fraction": f})
         progress(f"comparing rules ({scores} scores)", 1, 1)
     if "peers" in fams or "magnitude" in fams:
         sens = layer_sensitivity(art.model, cal, sink, 2048, cfg.seed)
 
         def add(rule: str, pol: dict, budget: float, got=None) -> None:
-            row = _row(rule, pol, got or ev.measure(art.model, pol), dense_q, ev.metric)
+            got = got or ev.measure(art.model, pol, progress, f"measuring {rule}")
+            row = _row(rule, pol, got, dense_q, ev.metric)
             rows.append({**row, "scores": pol["scores"], "budget": budget})
 
         def trial(pol: dict):  # the split is chosen on calibration text, then measured here
-            got = cal.measure(art.model, pol)
+            got = cal.measure(art.model, pol, progress, "measuring a trial split")
             return _row("", pol, got, cal_q, cal.metric)["drop"], None
 
         cal_q = cal.measure(art.model, ALL).quality if "magnitude" in fams else None
