@@ -4,8 +4,10 @@ Each chosen projection (query, key, value, output; GPT-2's fused query-key-value
 fc2(relu(fc1(x))), an MLP whose hidden activations can be made sparse and later split into
 experts like an FFN's. With a hidden width of at least twice the projection's output the MLP
 starts as the projection exactly: relu(z) - relu(-z) = z, so fc1 = [W; -W] and fc2 = [I, -I]
-reproduce W x (and for every input, one of each pair of neurons is zero). Training then moves
-it from there (d2d.stages.attention_mlp).
+reproduce W x (and for every input, one of each pair of neurons is zero). A narrower MLP of
+2r neurons starts as the best rank-r approximation of W in the same way (W's singular
+directions in pairs, exact where W's rank is at most r). Training then moves it from there
+(d2d.stages.attention_mlp).
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class ProjectionMLP(nn.Module):
     def start_from(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         """Equal to the projection y = W x + b where the width allows (hidden >= 2 d_out):
         neuron pairs (W_i x, -W_i x) through ReLU and back with (+1, -1). Extra neurons start
-        at zero output weight. A narrower MLP keeps its random start."""
+        at zero output weight. A narrower MLP of 2r neurons starts as the best rank-r
+        approximation of W (low_rank_start)."""
         d_out = w.shape[0]
         if self.fc1.out_features < 2 * d_out:
+            self.low_rank_start(w, b)
             return
         self.fc1.weight.zero_()
         self.fc1.bias.zero_()
@@ -58,6 +62,28 @@ class ProjectionMLP(nn.Module):
         extra = self.fc1.out_features - 2 * d_out
         if extra:  # a little random input weight, so that training can use them
             nn.init.normal_(self.fc1.weight[2 * d_out :], std=w.std().item())
+
+    @torch.no_grad()
+    def low_rank_start(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """The best rank-r approximation of y = W x + b with r = hidden // 2 (Eckart-Young):
+        W = U S V^T, neuron pairs (a_i . x, -a_i . x) with a_i = sqrt(s_i) v_i through ReLU
+        and back with (+c_i, -c_i), c_i = sqrt(s_i) u_i. An odd neuron out starts at zero
+        output weight."""
+        r = min(self.fc1.out_features // 2, *w.shape)
+        u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        root = sv[:r].sqrt()
+        a = (root[:, None] * vh[:r]).to(w.dtype)
+        c = (u[:, :r] * root[None, :]).to(w.dtype)
+        self.fc1.weight.zero_()
+        self.fc1.bias.zero_()
+        self.fc2.weight.zero_()
+        self.fc1.weight[:r] = a
+        self.fc1.weight[r : 2 * r] = -a
+        self.fc2.weight[:, :r] = c
+        self.fc2.weight[:, r : 2 * r] = -c
+        self.fc2.bias.copy_(b if b is not None else torch.zeros_like(self.fc2.bias))
+        if self.fc1.out_features > 2 * r:
+            nn.init.normal_(self.fc1.weight[2 * r :], std=w.std().item())
 
 
 def projection_paths(fam: arch.Family, names: list[str] | None) -> list[tuple[str, str]]:

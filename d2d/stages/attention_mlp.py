@@ -33,7 +33,8 @@ class AttentionMLPConfig(SampleFields):
         default=2.0,
         metadata={
             "help": "Hidden width of each MLP as a multiple of its projection's output (2 or "
-            "more starts it as the projection exactly)."
+            "more starts it as the projection exactly; below 2 as its best approximation of "
+            "rank width x output / 2)."
         },
     )
     tokens: int = field(default=8192, metadata={"help": "Training tokens to capture."})
