@@ -211,7 +211,11 @@ def test_the_pipeline_routes_projections_saves_and_generates(model_dirs, text_di
     torch.testing.assert_close(step.logits[:, -1], full[:, 5], rtol=1e-4, atol=1e-4)
     gen = art.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 11)
-    ev = run_stage("eval", str(tmp_path / "cal"), EvalConfig(tokens=256, **small))
+    ev = run_stage(
+        "eval", str(tmp_path / "cal"), EvalConfig(tokens=256, layer_errors=True, **small)
+    )
+    # each projection's (and FFN's) error under the routing has its own row
+    assert {"0_q", "1_k", "0", "1"} <= set(ev["metrics"]["layer_errors"])
     dense_row, conv_row = ev["metrics"]["rows"]
     assert dense_row["model"] == "dense (projections as MLPs)"
     assert dense_row["routed_fraction"] == pytest.approx(1.0)
