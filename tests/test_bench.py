@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from d2d_cli.main import app
 from typer.testing import CliRunner
 
@@ -89,3 +90,32 @@ def test_bench_counts_the_calls_auto_execution_runs_dense(tokenizer):
     assert auto["decode, batch 1"] < 1.0
     for big in (16, "prefill 16 tokens", "decode, batch 8"):
         assert auto[big] == 1.0 and sparse[big] < 1.0, big
+
+
+def test_layer_inputs_leave_out_a_causal_lms_first_position(tokenizer):
+    """The one-layer benchmark's inputs are real hidden states from 256-token windows without
+    each window's first position (the sink's, unlike any other token's), even for 1 token."""
+    from types import SimpleNamespace
+
+    from tiny import tiny
+
+    from d2d.measure.evaluate import batches_for
+    from d2d.measure.timing import _inputs
+    from d2d.nn.structure import moe_layers
+    from d2d.stages import BenchConfig, ConvertConfig, convert
+
+    m = tiny("gated", vocab=tokenizer.vocab_size)
+    convert(m, ConvertConfig(expert_size=8))
+    art = SimpleNamespace(model=m, tokenizer=tokenizer)
+    cfg = BenchConfig()
+    x1 = _inputs(art, cfg, 1, 1)
+    seen = []
+    h = moe_layers(m)[1].register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+    b = batches_for(m, tokenizer, cfg.data, "calib", 256, 2, cfg.seed)[0]
+    with torch.no_grad():
+        m(input_ids=b["input_ids"])
+    h.remove()
+    torch.testing.assert_close(x1[0], seen[0][0, 1])  # position 1 of the first window
+    x = _inputs(art, cfg, 1, 300)
+    firsts = seen[0][:, 0]
+    assert not any(torch.allclose(row, f) for row in x[:300] for f in firsts)

@@ -99,15 +99,21 @@ def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, float]:
 
 
 def _inputs(art, cfg, layer: int, n_tokens: int) -> torch.Tensor:
-    """Real FFN inputs of `layer`: the model run (every expert) on the calibration split."""
+    """Real FFN inputs of `layer`: the model run (every expert) on the calibration split, in
+    256-token windows (a causal LM's first position left out: its hidden state, the attention
+    sink's, is unlike any other token's and runs dense under the usual routing)."""
     moe = moe_layers(art.model, "ffn")[layer]
-    seq = min(256, n_tokens) if task_of(art.model) == "causal-lm" else 256
+    causal = task_of(art.model) == "causal-lm"
+    seq = 256
     # documents are padded to seq: ask for twice the tokens, keep the real ones
     batches = batches_for(art.model, art.tokenizer, cfg.data, "calib", seq, 2 * n_tokens, cfg.seed)
     got = []
 
     def hook(mod, args):
-        got.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        x = args[0].detach()
+        if causal and x.dim() == 3 and x.shape[1] > 1:
+            x = x[:, 1:]
+        got.append(x.reshape(-1, x.shape[-1]))
 
     h = moe.register_forward_pre_hook(hook)
     n = 0
@@ -117,6 +123,7 @@ def _inputs(art, cfg, layer: int, n_tokens: int) -> torch.Tensor:
                 forward(art.model, b, bf16=False)
                 real = b.get("attention_mask")
                 if real is not None:  # padding is not a token anyone pays for
+                    real = real[:, 1:] if causal and real.shape[1] > 1 else real
                     got[-1] = got[-1][real.reshape(-1).bool()]
                 n += len(got[-1])
                 if n >= n_tokens:
