@@ -248,10 +248,11 @@ def test_allocate_gives_cheap_blocks_low_capacity(monkeypatch):
     # blocks 1-5: block 2 costs nothing to skip, block 4 a little, the others a lot
     base = {1: 1.0, 2: 0.0, 3: 1.0, 4: 0.1, 5: 1.0}
 
-    def fake(art, cfg, n_layers, progress, capacity=None):
+    def fake(art, cfg, n_layers, progress, capacity=None, calib=None):
         return {b: c * (1 - capacity) ** 2 for b, c in base.items()}
 
     monkeypatch.setattr(mod, "block_sensitivity", fake)
+    monkeypatch.setattr(mod, "calibration_batches", lambda art, cfg: [])
     cfg = ModConfig(layers="auto", allocate=True, every=3, capacity=0.5)
     got = mod.allocate_depth(SimpleNamespace(), cfg, 6, None)
     # --every 3 of 6 blocks at 0.5 skips 2 x 0.5 = 1 block's worth of the 5 candidates

@@ -259,13 +259,20 @@ class MoDBlock(nn.Module):
 
     THRESHOLD_MOMENTUM = 0.1  # weight of each training batch's quantile in the running one
 
+    def _batch_quantile(self, r, real, forced) -> torch.Tensor | None:
+        """The batch's (1 - capacity) quantile of r over its real, unforced tokens (None when
+        there are none): what threshold routing trains with."""
+        free = real if forced is None else real & ~forced
+        if not bool(free.any()):
+            return None
+        return torch.quantile(r.detach()[free].float(), 1.0 - self.capacity).to(r.dtype)
+
     def _batch_threshold(self, r, real, forced) -> torch.Tensor:
         """Training with threshold routing: the tokens at or above the batch's (1 - capacity)
         quantile of r over its real, unforced tokens; the quantile updates the running
         threshold. Outside training the running threshold decides (as in causal mode)."""
-        free = real if forced is None else real & ~forced
-        if self.training and bool(free.any()):
-            t = torch.quantile(r.detach()[free].float(), 1.0 - self.capacity).to(r.dtype)
+        t = self._batch_quantile(r, real, forced) if self.training else None
+        if t is not None:
             with torch.no_grad():  # (under autocast r is bf16, the running threshold is not)
                 self.threshold.lerp_(t.to(self.threshold.dtype), self.THRESHOLD_MOMENTUM)
         else:
@@ -275,15 +282,12 @@ class MoDBlock(nn.Module):
 
     @torch.no_grad()
     def training_choice(self) -> torch.Tensor:
-        """[B, T] what threshold routing in training would choose in the last forward: the
-        tokens at or above that batch's (1 - capacity) quantile of the router logit over its
-        real, unforced tokens (without updating the running threshold)."""
+        """[B, T] what threshold routing in training would choose in the last forward (the
+        batch quantile, without updating the running threshold)."""
         r, real, forced = self.last_logits, self.last_real, self.last_forced
-        free = real if forced is None else real & ~forced
-        if not bool(free.any()):
-            return _taken(torch.zeros_like(real), forced, real)
-        t = torch.quantile(r[free].float(), 1.0 - self.capacity).to(r.dtype)
-        return _taken(r >= t, forced, real)
+        t = self._batch_quantile(r, real, forced)
+        choice = torch.zeros_like(real) if t is None else r >= t
+        return _taken(choice, forced, real)
 
     def forward(
         self,

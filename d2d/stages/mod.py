@@ -360,7 +360,8 @@ def allocate_depth(art, cfg: ModConfig, n_layers: int, progress) -> dict:
     from d2d.nn.depth import routed_layers
 
     grid = sorted({*ALLOCATION_GRID, cfg.capacity}, reverse=True)
-    costs = {c: block_sensitivity(art, cfg, n_layers, progress, c) for c in grid}
+    calib = calibration_batches(art, cfg)  # one tokenisation for every capacity
+    costs = {c: block_sensitivity(art, cfg, n_layers, progress, c, calib) for c in grid}
     blocks = sorted(costs[grid[0]])
     skipped = len(routed_layers(n_layers, cfg.every, None)) * (1.0 - cfg.capacity)
     budget = 1.0 - skipped / len(blocks)  # the mean share processed over the candidates
@@ -380,19 +381,11 @@ def allocate_depth(art, cfg: ModConfig, n_layers: int, progress) -> dict:
     }
 
 
-def block_sensitivity(
-    art, cfg: ModConfig, n_layers: int, progress, capacity: float | None = None
-) -> dict[int, float]:
-    """Each block's cost of skipping at `capacity` (default --capacity), measured on
-    calibration text (d2d.measure.sensitivity.depth_sensitivity): what `--layers auto` ranks
-    blocks by."""
+def calibration_batches(art, cfg: ModConfig) -> list[dict]:
+    """--sensitivity-tokens of the calibration split, in --seq-len windows."""
     from d2d.measure.evaluate import batches_for
-    from d2d.measure.sensitivity import depth_sensitivity
 
-    if n_layers < 2:
-        raise D2DError("--layers auto needs a model of at least two blocks (block 0 stays dense)")
-    capacity = cfg.capacity if capacity is None else capacity
-    calib = batches_for(
+    return batches_for(
         art.model,
         art.tokenizer,
         cfg.data,
@@ -402,6 +395,25 @@ def block_sensitivity(
         cfg.seed,
         cfg.doc_split,
     )
+
+
+def block_sensitivity(
+    art,
+    cfg: ModConfig,
+    n_layers: int,
+    progress,
+    capacity: float | None = None,
+    calib: list[dict] | None = None,
+) -> dict[int, float]:
+    """Each block's cost of skipping at `capacity` (default --capacity), measured on
+    calibration text (`calib`, default calibration_batches; d2d.measure.sensitivity.
+    depth_sensitivity): what `--layers auto` ranks blocks by."""
+    from d2d.measure.sensitivity import depth_sensitivity
+
+    if n_layers < 2:
+        raise D2DError("--layers auto needs a model of at least two blocks (block 0 stays dense)")
+    capacity = cfg.capacity if capacity is None else capacity
+    calib = calibration_batches(art, cfg) if calib is None else calib
     blocks = list(range(1, n_layers))
     return depth_sensitivity(art.model, calib, blocks, capacity, cfg.skip, cfg.sink, progress)
 
