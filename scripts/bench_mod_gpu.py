@@ -4,7 +4,10 @@ with every block on every token, interleaved in one run (d2d.measure.timing). To
 runs exactly the capacity's share; for decoding, each router is set so that about that share of
 tokens pass its causal decision (the measured share is printed).
 
+Prefill is timed under top-k and under the causal decision (what threshold routing runs).
+
     python scripts/bench_mod_gpu.py [--capacities 0.5,0.25,0.125] [--dtype bfloat16]
+        [--skip block|attention|mlp] [--keep-kv]
 """
 
 import argparse
@@ -13,7 +16,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from d2d.measure.timing import decode_loop, interleaved, timer
-from d2d.nn.depth import depth_mode, insert_mod, mod_stats, set_mode, summarise
+from d2d.nn.depth import RUN_LABEL, depth_mode, insert_mod, mod_stats, set_mode, summarise
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -37,17 +40,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--skip", default="block", choices=["block", "attention", "mlp"])
+    ap.add_argument("--keep-kv", action="store_true")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(args.device, dtype).eval()
     n = model.config.num_hidden_layers
-    blocks = insert_mod(model, list(range(1, n, 2)), 1.0, sink=1)
+    blocks = insert_mod(model, list(range(1, n, 2)), 1.0, 1, args.skip, args.keep_kv)
     pb, pl = (int(v) for v in args.prefill.split("x"))
     ids = torch.randint(0, 49152, (pb, pl), device=args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"{name}, torch {torch.__version__}, {args.dtype}")
-    print("| measure | capacity | blocks run | every block | routed | speed-up |")
+    kv = ", keep-kv" if args.keep_kv else ""
+    print(f"{name}, torch {torch.__version__}, {args.dtype}, skip {args.skip}{kv}")
+    print(f"| measure | capacity | {RUN_LABEL[args.skip]} | every block | routed | speed-up |")
     print("|---|---|---|---|---|---|")
     dev = args.device
 
@@ -75,16 +81,17 @@ def main() -> None:
                 w = torch.randn(1, d, generator=g, device=args.device) / d**0.5
                 blk.router.weight.copy_(w.to(dtype))
                 blk.router.bias.fill_(q)  # P(w . x/rms(x) + q > 0) ~ cap
-            set_mode(model, "topk", cap)
-            with mod_stats(model) as st:
-                model(input_ids=ids, logits_to_keep=1)
-            frac = summarise(st, n)["block_fraction"]
-            t = interleaved(
-                {"dense": prefill("dense"), "routed": prefill("topk", cap)}, args.reps, 3
-            )
-            td, tr = t["dense"], t["routed"]
-            print(f"| prefill {pb}x{pl}, top-k | {cap:g} | {frac:.1%} | {1e3 * td:.1f} ms "
-                  f"| {1e3 * tr:.1f} ms | {td / tr:.2f}x |")  # fmt: skip
+            for mode, label in (("topk", "top-k"), ("causal", "causal")):
+                set_mode(model, mode, cap)
+                with mod_stats(model) as st:
+                    model(input_ids=ids, logits_to_keep=1)
+                frac = summarise(st, n)["block_fraction"]
+                t = interleaved(
+                    {"dense": prefill("dense"), "routed": prefill(mode, cap)}, args.reps, 3
+                )
+                td, tr = t["dense"], t["routed"]
+                print(f"| prefill {pb}x{pl}, {label} | {cap:g} | {frac:.1%} | {1e3 * td:.1f} ms "
+                      f"| {1e3 * tr:.1f} ms | {td / tr:.2f}x |")  # fmt: skip
             set_mode(model, "causal")
             for b in batches:
                 p = ids[:1, :32].expand(b, -1).contiguous()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import outputs, tiny
+from tiny import decode_step, outputs, tiny
 
 from d2d import load_artifact
 from d2d.errors import D2DError
@@ -206,8 +206,7 @@ def test_the_pipeline_routes_projections_saves_and_generates(model_dirs, text_di
     with torch.no_grad():
         full = art.model(input_ids=ids).logits
         out = art.model(input_ids=ids[:, :5], use_cache=True)
-        cache = out["cache"] if "cache" in out else out.past_key_values
-        step = art.model(input_ids=ids[:, 5:6], use_cache=True, cache=cache)
+        step = decode_step(art.model, ids[:, 5:6], out)
     torch.testing.assert_close(step.logits[:, -1], full[:, 5], rtol=1e-4, atol=1e-4)
     gen = art.model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 11)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import outputs, tiny
+from tiny import decode_step, outputs, tiny
 
 from d2d import load_artifact
 from d2d.errors import D2DError
@@ -91,7 +91,7 @@ def test_narrow_mlps_learn_their_projection(model_dirs, text_dir, tmp_path):
     with torch.no_grad():
         full = art.model(input_ids=ids).logits
         out = art.model(input_ids=ids[:, :4], use_cache=True)
-        step = art.model(input_ids=ids[:, 4:5], use_cache=True, cache=out["cache"])
+        step = decode_step(art.model, ids[:, 4:5], out)
     torch.testing.assert_close(step.logits[:, -1], full[:, 4], rtol=1e-4, atol=1e-5)
     gen = art.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert gen.shape == (1, 10)

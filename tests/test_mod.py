@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tiny import tiny
+from tiny import cache_of, decode_step, tiny
 
 from d2d.nn.depth import insert_mod, mod_blocks, set_mode
 
@@ -37,12 +37,11 @@ def stepwise(m, ids, first: int):
     """Logits from a prefill of the first `first` tokens, then one decoding step per token."""
     with torch.no_grad():
         out = m(input_ids=ids[:, :first], use_cache=True)
-        steps, cache = [out.logits], out["cache"]
+        steps = [out.logits]
         for j in range(first, ids.shape[1]):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
+            out = decode_step(m, ids[:, j : j + 1], out)
             steps.append(out.logits)
-    return torch.cat(steps, 1), cache
+    return torch.cat(steps, 1), cache_of(out)
 
 
 def test_capacity_one_equals_dense():
@@ -172,14 +171,7 @@ def test_mod_on_cuda_matches_dense_and_decodes_like_prefill():
     randomise_routers(m, seed=3)
     set_mode(m, "causal")
     full = logits(m, input_ids=ids)
-    with torch.no_grad():
-        out = m(input_ids=ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out["cache"]
-        for j in range(5, 12):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise(m, ids, 5)[0], full, rtol=1e-4, atol=1e-4)
 
 
 def test_unmasked_sdpa_path_equals_explicit_mask():
@@ -231,7 +223,7 @@ def test_attention_skip_leaves_no_kv_entry_and_still_runs_the_mlp():
     torch.testing.assert_close(out["y"][0][skipped], want)
     assert not torch.allclose(out["y"][0][skipped], x)
     # the routed block cached only the tokens it processed; block 0 all of them
-    cache = res["cache"]
+    cache = cache_of(res)
     assert cache.get_seq_length(1) == int(blk.last_choice.sum())
     assert cache.get_seq_length(0) == 10
 
@@ -243,7 +235,7 @@ def test_mlp_skip_caches_every_token_and_leaves_skipped_tokens_after_attention()
     ids = torch.randint(1, 96, (1, 10))
     with torch.no_grad():
         res = m(input_ids=ids, use_cache=True)
-    assert res["cache"].get_seq_length(1) == 10  # attention ran for every token
+    assert cache_of(res).get_seq_length(1) == 10  # attention ran for every token
 
 
 @pytest.mark.parametrize("skip", ["attention", "mlp"])
@@ -477,7 +469,7 @@ def test_keep_kv_skipped_tokens_stay_visible_as_keys(skip):
             want = x + chosen * g * upd
     assert 0 < int(blk.last_choice.sum()) < 10
     torch.testing.assert_close(seen["y"], want, rtol=1e-5, atol=1e-5)
-    assert res["cache"].get_seq_length(1) == 10  # every token wrote its key and value
+    assert cache_of(res).get_seq_length(1) == 10  # every token wrote its key and value
 
 
 @pytest.mark.parametrize("skip", KEEP_KV)

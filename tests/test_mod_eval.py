@@ -7,6 +7,7 @@ import pytest
 import torch
 from d2d_cli.main import app
 from test_mod import llama, logits, randomise_routers
+from tiny import decode_step
 from typer.testing import CliRunner
 
 from d2d.errors import D2DError
@@ -70,10 +71,9 @@ def test_dense_prefill_then_causal_decoding_uses_the_right_entries():
         set_mode(m, "dense")
         out = m(input_ids=ids[:, :4], use_cache=True)
         set_mode(m, "causal")
-        steps, cache = [out.logits], out["cache"]
+        steps = [out.logits]
         for j in range(4, 9):
-            out = m(input_ids=ids[:, j : j + 1], use_cache=True, cache=cache)
-            cache = out["cache"]
+            out = decode_step(m, ids[:, j : j + 1], out)
             steps.append(out.logits)
     skipped = {i: int((~b.last_choice).sum()) for i, b in mod_blocks(m).items()}
     # the reference: no cache, the first 4 tokens forced through every block

@@ -80,3 +80,15 @@ def tree_bytes(path) -> dict:
     return {
         str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
     }
+
+
+def cache_of(out):
+    """The KV cache a forward returned (`cache` in newer transformers, `past_key_values` before)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def decode_step(model, ids, out):
+    """One forward of `ids` on the KV cache that the earlier output `out` returned."""
+    from d2d.nn.structure import cache_name
+
+    return model(input_ids=ids, use_cache=True, **{cache_name(model): cache_of(out)})

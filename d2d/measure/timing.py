@@ -40,7 +40,7 @@ from d2d.nn.depth import mod_stats
 from d2d.nn.policy import ALL as DENSE
 from d2d.nn.projection import linear_projections, replacement_bytes
 from d2d.nn.routing import collecting, routing
-from d2d.nn.structure import moe_layers
+from d2d.nn.structure import cache_name, moe_layers
 from d2d.options import parse_int_list
 from d2d.progress import Progress
 
@@ -284,8 +284,7 @@ def decode_loop(
     """Prefill the prompt, then decode n tokens greedily with the KV cache; returns the seconds
     of the n decode steps only. `dstats` (Mixture-of-Depths counts) and `stats` (the MoE
     layers', from `collecting`) keep the decode steps' counts only, as the time does."""
-    # the KV cache is `cache` in newer transformers, `past_key_values` before
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_name(model)
     out = model(input_ids=prompt, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     for s in (dstats or {}).values():

@@ -57,7 +57,7 @@ from d2d import arch
 from d2d.errors import D2DError
 from d2d.nn.moe import RoutingContext
 from d2d.nn.policy import DEPTH_MODES
-from d2d.nn.structure import install_context
+from d2d.nn.structure import cache_name, install_context
 from d2d.options import parse_layers
 
 SKIPS = ("block", "attention", "mlp")
@@ -301,6 +301,8 @@ class MoDBlock(nn.Module):
     ) -> torch.Tensor:
         x = hidden_states
         b, t, _ = x.shape
+        if cache is None:  # transformers before the KV cache's rename passes `past_key_values`
+            cache = kwargs.pop("past_key_values", None)
         kw = {**kwargs, "use_cache": use_cache}
         if self.skip == "mlp":  # attention runs for every token, with the model's mask and cache
             x = x + self._attn(x, attention_mask, position_ids, position_embeddings, cache, kw)
@@ -473,7 +475,12 @@ class MoDBlock(nn.Module):
         if self.skip == "mlp":
             return self.block.mlp(self.block.post_attention_layernorm(h))
         ys = self.block(
-            h, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=pe, **kwargs
+            h,
+            attention_mask=mask,
+            position_ids=pos,
+            position_embeddings=pe,
+            **{cache_name(self.block): cache},
+            **kwargs,
         )
         return (ys[0] if isinstance(ys, tuple) else ys) - h
 
@@ -483,8 +490,8 @@ class MoDBlock(nn.Module):
             hidden_states=self.block.input_layernorm(h),
             attention_mask=mask,
             position_ids=pos,
-            cache=cache,
             position_embeddings=pe,
+            **{cache_name(self.block.self_attn): cache},
             **kwargs,
         )
         return out[0] if isinstance(out, tuple) else out

@@ -6,6 +6,8 @@ weights from the dense FFN, `d2d.load` from the artifact's file.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -32,6 +34,13 @@ def moe_layers(model: nn.Module, kind: str = "all") -> dict[int | str, MoEFFN]:
             out[i] = mod
         out.update(projections.get(i, ()))
     return out
+
+
+def cache_name(module: nn.Module) -> str:
+    """The keyword under which `module.forward` takes the KV cache: `cache` in newer
+    transformers, `past_key_values` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def install_context(model: nn.Module) -> RoutingContext:
