@@ -175,7 +175,7 @@ def train_routers(model, tokenizer, cfg, progress: Progress = null_progress) -> 
         "capturing FFN inputs (held-out)",
         cfg.skip_positions,
     )
-    attach_routers(moes, cfg.hidden)
+    attach_routers(moes, cfg.hidden, cfg.attention_hidden)
     routers = {str(i): m.router for i, m in moes.items()}
     finals = train_router_set(routers, {str(i): v for i, v in train.items()}, cfg, progress)
     del train

@@ -178,10 +178,15 @@ def test_the_pipeline_routes_projections_saves_and_generates(model_dirs, text_di
     routers = run_stage(
         "train-routers",
         str(tmp_path / "c"),
-        TrainRoutersConfig(tokens=512, heldout_tokens=128, steps=20, hidden=8, **small),
+        TrainRoutersConfig(
+            tokens=512, heldout_tokens=128, steps=20, hidden=8, attention_hidden=4, **small
+        ),
         tmp_path / "r",
     )
     assert {"0_q", "1_o", "0", "1"} <= set(routers["metrics"]["per_layer"])
+    # the projections' routers have their own width, and the artifact replays it
+    for k, m in moe_layers(load_artifact(tmp_path / "r").model).items():
+        assert m.router.fc1.out_features == (4 if isinstance(k, str) else 8), k
     run_stage(
         "calibrate",
         str(tmp_path / "r"),

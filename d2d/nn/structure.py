@@ -126,9 +126,14 @@ def build_structure(model: nn.Module, layers: list[int], n_experts: int) -> dict
     return made
 
 
-def attach_routers(moes: dict[int, MoEFFN], hidden: int) -> None:
-    for m in moes.values():
-        m.router = Router(m.d_model, m.n_experts, hidden).to(
+def attach_routers(
+    moes: dict[int | str, MoEFFN], hidden: int, attention_hidden: int | None = None
+) -> None:
+    """A router of `hidden` width on each MoE layer; converted attention projections (keys
+    like "3_q") get `attention_hidden` where it is given."""
+    for k, m in moes.items():
+        width = attention_hidden if isinstance(k, str) and attention_hidden else hidden
+        m.router = Router(m.d_model, m.n_experts, width).to(
             device=m.w_in.device, dtype=torch.float32
         )
 

@@ -17,6 +17,13 @@ class TrainRoutersConfig(SampleFields):
     batch_size: int = field(default=512, metadata={"help": "Tokens per router step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak learning rate (cosine decay)."})
     hidden: int = field(default=64, metadata={"help": "Router hidden width."})
+    attention_hidden: int | None = field(
+        default=None,
+        metadata={
+            "help": "Router hidden width of the attention projections' experts (default: "
+            "--hidden; their MLPs are smaller than the FFNs, so a router costs them more)."
+        },
+    )
     heldout_tokens: int = field(default=4096, metadata={"help": "Held-out tokens for metrics."})
     loss: str = field(
         default="mse",
@@ -37,6 +44,8 @@ class TrainRoutersConfig(SampleFields):
         at_least(self, 0, "skip_positions")
         one_of("loss", self.loss, ("mse", "log"))  # d2d.routers.ROUTER_LOSSES
         at_least(self, 1, "steps", "batch_size", "hidden", "heldout_tokens")
+        if self.attention_hidden is not None:
+            at_least(self, 1, "attention_hidden")
         if not self.lr > 0:
             raise D2DError(f"lr must be > 0, got {self.lr}")
         super().__post_init__()
@@ -45,17 +54,23 @@ class TrainRoutersConfig(SampleFields):
 def run(art, cfg: TrainRoutersConfig, progress):
     from d2d.routers import train_routers
 
-    return train_routers(art.model, art.tokenizer, cfg, progress), {"hidden": cfg.hidden}
+    structure = {"hidden": cfg.hidden}
+    if cfg.attention_hidden is not None:
+        structure["attention_hidden"] = cfg.attention_hidden
+    return train_routers(art.model, art.tokenizer, cfg, progress), structure
 
 
 def replay(model, structure: dict) -> None:
     from d2d.nn.structure import attach_routers, moe_layers
 
-    attach_routers(moe_layers(model), structure["hidden"])
+    attach_routers(moe_layers(model), structure["hidden"], structure.get("attention_hidden"))
 
 
 def summary(record: dict) -> str:
-    hidden = (record.get("structure") or {}).get("hidden")
+    structure = record.get("structure") or {}
+    hidden = structure.get("hidden")
+    if structure.get("attention_hidden") is not None:
+        hidden = f"{hidden}, projections {structure['attention_hidden']}"
     return f"mean held-out R^2 {record['metrics']['mean_r2']:.3f} (hidden {hidden})"
 
 
