@@ -16,18 +16,9 @@ import copy
 import json
 
 from d2d.measure.evaluate import Evaluator
+from d2d.nn.routing import exact_policy
 from d2d.nn.structure import moe_layers
 from d2d.stages import ConvertConfig, convert, load_artifact
-
-
-def exact_policy(model) -> dict:
-    """Every expert whose true output norm is above zero (float noise aside)."""
-    return {
-        "rule": "threshold",
-        "scores": "oracle",
-        "thresholds": {str(k): 1e-6 for k in moe_layers(model)},
-        "dense_positions": 0,
-    }
 
 
 def main() -> None:

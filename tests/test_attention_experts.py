@@ -14,7 +14,7 @@ from d2d.measure.sensitivity import allocate
 from d2d.nn.moe import LayerStats, MoEFFN
 from d2d.nn.policy import RoutingPolicy, block_of, key_order
 from d2d.nn.projection import replace_projections
-from d2d.nn.routing import apply_routing, routing
+from d2d.nn.routing import apply_routing, collecting, exact_policy, routing
 from d2d.nn.structure import moe_layers
 from d2d.stages import (
     AttentionMLPConfig,
@@ -74,6 +74,26 @@ def test_every_expert_run_equals_the_projection_mlps(family, size):
     half = {"rule": "topk", "fractions": {k: 0.5 for k in keys}, "scores": "oracle"}
     with routing(model, half):
         assert not torch.allclose(outputs(model, ids), ref, atol=1e-4)
+
+
+def test_exact_policy_keeps_the_function_and_skips_zero_experts():
+    """Running only the experts whose true output is non-zero (the exact ceiling that
+    scripts/projection_oracle.py measures) computes what every expert computes, and skips the
+    projection experts whose ReLU neurons are all zero."""
+    model = _with_mlps("gated", seed=3)
+    convert(model, ConvertConfig(expert_size=16, attention_expert_size=2))
+    with torch.no_grad():  # lower the MLPs' pre-activations: many neurons stay at zero
+        for k, m in moe_layers(model).items():
+            if isinstance(k, str):
+                m.b_in.sub_(0.3)
+    ids = torch.randint(1, 90, (2, 9))
+    ref = outputs(model, ids)
+    with routing(model, exact_policy(model)), collecting(model) as stats:
+        torch.testing.assert_close(outputs(model, ids), ref, rtol=1e-4, atol=1e-5)
+    moes = moe_layers(model)
+    ran = {str(k): s.fraction(moes[k].n_experts) for k, s in stats.items()}
+    proj = [v for k, v in ran.items() if "_" in k]
+    assert min(proj) < 0.5 and sum(proj) / len(proj) < 0.9, ran  # zero experts were skipped
 
 
 def test_sparse_execution_of_projection_experts_equals_masked():

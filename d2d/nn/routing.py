@@ -74,6 +74,19 @@ def execution(model: nn.Module, mode: str):
             m.execution = saved[i]
 
 
+def exact_policy(model: nn.Module, eps: float = 1e-6) -> dict:
+    """Every expert whose true output norm exceeds eps (the oracle's scores, no router, no
+    position kept dense): where an expert's neurons are ReLU and all of them are zero its
+    output is exactly zero, so the model's function is unchanged, at the fewest FLOPs routing
+    at this granularity can reach without losing anything (scripts/projection_oracle.py)."""
+    return {
+        "rule": "threshold",
+        "scores": "oracle",
+        "thresholds": {str(k): eps for k in moe_layers(model)},
+        "dense_positions": 0,
+    }
+
+
 @contextmanager
 def collecting(model: nn.Module):
     """Collect per-layer execution statistics during the block; yields {layer: LayerStats}."""
