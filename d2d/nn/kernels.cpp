@@ -37,8 +37,36 @@ std::vector<Tensor> route(const Tensor& mask) {
 }
 
 // For the pairs of each expert e (expert order): A[pos, j] = W1[e*s+j] . x[tok] and, when
-// W2 is given (gated FFNs), B[pos, j] = W2[e*s+j] . x[tok]. Experts run in parallel; each
-// weight row is read once per block of 4 tokens and shared by the gate and up products.
+// W2 is given (gated FFNs), B[pos, j] = W2[e*s+j] . x[tok]. Experts run in parallel. A block of
+// 4 tokens meets each weight row once. Without a gate, 4 rows at a time: 16 running sums per
+// pass over x, each value loaded from x or a weight row feeding 4 multiply-adds (1.3-2x the
+// one-row loop on MiniLM's MLPs); gated FFNs keep the one-row loop shared by gate and up (a
+// 2+2-row block measured slower there).
+namespace {
+// the dot products of rows u[0..R) with the 4 token vectors x0..x3 over d values, into r[R][4]
+template <int R>
+inline void dots(const float* const* u, const float* x0, const float* x1, const float* x2,
+                 const float* x3, int64_t d, float r[R][4]) {
+  float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+  float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
+  const float *u0 = u[0], *u1 = R > 1 ? u[1] : u[0], *u2 = R > 2 ? u[2] : u[0];
+  const float* u3 = R > 3 ? u[3] : u[0];
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+  for (int64_t c = 0; c < d; ++c) {
+    const float a = x0[c], b = x1[c], e = x2[c], f = x3[c];
+    const float w0 = u0[c];
+    s00 += w0 * a; s01 += w0 * b; s02 += w0 * e; s03 += w0 * f;
+    if (R > 1) { const float w1 = u1[c]; s10 += w1 * a; s11 += w1 * b; s12 += w1 * e; s13 += w1 * f; }
+    if (R > 2) { const float w2 = u2[c]; s20 += w2 * a; s21 += w2 * b; s22 += w2 * e; s23 += w2 * f; }
+    if (R > 3) { const float w3 = u3[c]; s30 += w3 * a; s31 += w3 * b; s32 += w3 * e; s33 += w3 * f; }
+  }
+  const float all[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13},
+                           {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+  for (int i = 0; i < R; ++i)
+    for (int k = 0; k < 4; ++k) r[i][k] = all[i][k];
+}
+}  // namespace
+
 void pairs_in(const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor& tok,
               const Tensor& pos, const Tensor& off, Tensor& a, Tensor& b, int64_t s) {
   const float* Xs = x.data_ptr<float>();
@@ -59,11 +87,12 @@ void pairs_in(const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor&
       const float* x1 = Xs + T[p + std::min<int64_t>(1, n - 1)] * d;
       const float* x2 = Xs + T[p + std::min<int64_t>(2, n - 1)] * d;
       const float* x3 = Xs + T[p + std::min<int64_t>(3, n - 1)] * d;
-      for (int64_t j = 0; j < s; ++j) {
-        const float* u = W1 + (e * s + j) * d;
-        const float* g = W2 + (e * s + j) * d;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
-        if (two) {
+      int64_t j = 0;
+      if (two) {  // gated: each weight row once per block of 4 tokens, shared by gate and up
+        for (; j < s; ++j) {
+          const float* u = W1 + (e * s + j) * d;
+          const float* g = W2 + (e * s + j) * d;
+          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
           for (int64_t c = 0; c < d; ++c) {
             const float uv = u[c], gv = g[c];
@@ -76,20 +105,28 @@ void pairs_in(const Tensor& x, const Tensor& w1, const Tensor& w2, const Tensor&
             b2 += gv * x2[c];
             b3 += gv * x3[c];
           }
-        } else {
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-          for (int64_t c = 0; c < d; ++c) {
-            const float uv = u[c];
-            a0 += uv * x0[c];
-            a1 += uv * x1[c];
-            a2 += uv * x2[c];
-            a3 += uv * x3[c];
+          const float ra[4] = {a0, a1, a2, a3}, rb[4] = {b0, b1, b2, b3};
+          for (int64_t i = 0; i < n; ++i) {
+            A[P[p + i] * s + j] = ra[i];
+            B[P[p + i] * s + j] = rb[i];
           }
         }
-        const float ra[4] = {a0, a1, a2, a3}, rb[4] = {b0, b1, b2, b3};
-        for (int64_t i = 0; i < n; ++i) {
-          A[P[p + i] * s + j] = ra[i];
-          if (two) B[P[p + i] * s + j] = rb[i];
+      } else {
+        for (; j + 4 <= s; j += 4) {
+          const float* w = W1 + (e * s + j) * d;
+          const float* u[4] = {w, w + d, w + 2 * d, w + 3 * d};
+          float r[4][4];
+          dots<4>(u, x0, x1, x2, x3, d, r);
+          for (int64_t i = 0; i < n; ++i) {
+            float* ar = A + P[p + i] * s + j;
+            ar[0] = r[0][i]; ar[1] = r[1][i]; ar[2] = r[2][i]; ar[3] = r[3][i];
+          }
+        }
+        for (; j < s; ++j) {
+          const float* u[1] = {W1 + (e * s + j) * d};
+          float r[1][4];
+          dots<1>(u, x0, x1, x2, x3, d, r);
+          for (int64_t i = 0; i < n; ++i) A[P[p + i] * s + j] = r[0][i];
         }
       }
     }
@@ -124,7 +161,32 @@ Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& tok, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t e = 0; e < E; ++e) {
       const float* blk = Wo + e * s * d;
-      for (int64_t p = O[e]; p < O[e + 1]; ++p) {
+      int64_t p = O[e];
+      if (s % 4 == 0)  // 4 of the expert's tokens (distinct rows of y) meet 4 weight rows at a
+        for (; p + 4 <= O[e + 1]; p += 4) {  // time: 16 multiply-adds per 4 loads of w and of y
+          float* y0 = Yt + T[p] * d;
+          float* y1 = Yt + T[p + 1] * d;
+          float* y2 = Yt + T[p + 2] * d;
+          float* y3 = Yt + T[p + 3] * d;
+          const float *g0 = H + Q[p] * s, *g1 = H + Q[p + 1] * s, *g2 = H + Q[p + 2] * s;
+          const float* g3 = H + Q[p + 3] * s;
+          for (int64_t j = 0; j < s; j += 4) {
+            const float *w0 = blk + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+            const float a0 = g0[j], a1 = g0[j + 1], a2 = g0[j + 2], a3 = g0[j + 3];
+            const float b0 = g1[j], b1 = g1[j + 1], b2 = g1[j + 2], b3 = g1[j + 3];
+            const float c0 = g2[j], c1 = g2[j + 1], c2 = g2[j + 2], c3 = g2[j + 3];
+            const float d0 = g3[j], d1 = g3[j + 1], d2 = g3[j + 2], d3 = g3[j + 3];
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) {
+              const float v0 = w0[c], v1 = w1[c], v2 = w2[c], v3 = w3[c];
+              y0[c] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3;
+              y1[c] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
+              y2[c] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3;
+              y3[c] += d0 * v0 + d1 * v1 + d2 * v2 + d3 * v3;
+            }
+          }
+        }
+      for (; p < O[e + 1]; ++p) {
         float* yr = Yt + T[p] * d;
         const float* hr = H + Q[p] * s;
         int64_t j = 0;

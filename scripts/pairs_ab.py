@@ -1,0 +1,87 @@
+"""The (token, expert) pair kernels (`pairs_in`: each pair's pre-activations; `pairs_out`: each
+pair's down-projection rows added into its token's output) of this checkout against the ones at
+another git revision, on random MLP shapes of the bundled models (MiniLM's FFN and projection
+MLPs in experts of 16 and 4, a SmolLM2-shaped gated FFN), raw kernel calls interleaved in one
+run, outputs checked equal:
+
+    python scripts/pairs_ab.py --rev HEAD~1
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+
+import torch
+
+# (d, expert size, experts, tokens, share of pairs selected, gated)
+SHAPES = [
+    (384, 16, 24, 256, 0.26, False),
+    (384, 4, 96, 256, 0.25, False),
+    (384, 16, 96, 256, 0.12, False),
+    (576, 16, 96, 256, 0.4, True),
+    (576, 1, 1536, 1, 0.6, True),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rev", required=True, help="git revision of the kernel to compare with")
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+
+    from torch.utils.cpp_extension import load_inline
+
+    from d2d.nn import kernels
+
+    src = subprocess.run(
+        ["git", "show", f"{a.rev}:d2d/nn/kernels.cpp"], capture_output=True, text=True, check=True
+    ).stdout
+    flags = dict(extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    old = load_inline(name=f"d2d_pairs_{a.rev.replace('~', '_')}", cpp_sources=[src], **flags)
+    new = kernels.load()
+    torch.manual_seed(0)
+    print(f"| kernel | d | expert size | experts | tokens | pairs | {a.rev} | this checkout "
+          "| speed-up |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for d, s, n_exp, n, frac, gated in SHAPES:
+        x = torch.randn(n, d)
+        w1 = torch.randn(n_exp * s, d)
+        w2 = torch.randn(n_exp * s, d) if gated else torch.empty(0)
+        _, tok, pos, off = new.route(torch.rand(n, n_exp) < frac)
+        pairs = tok.numel()
+        out = {}
+        for name, k in (("old", old), ("new", new)):
+            up, gate = torch.empty(pairs, s), torch.empty(pairs, s) if gated else torch.empty(0)
+            k.pairs_in(x, w1, w2, tok, pos, off, up, gate, s)
+            out[name] = (up, gate)
+        for u, v in zip(out["old"], out["new"], strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+        up, gate = out["new"]
+        h = torch.relu(up).contiguous()
+        ys = [k.pairs_out(h, w1, tok, pos, off, n, s) for k in (old, new)]
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-3)
+        calls = {  # kernel -> its arguments
+            "pairs_in": (x, w1, w2, tok, pos, off, up, gate, s),
+            "pairs_out": (h, w1, tok, pos, off, n, s),
+        }
+        reps = 200 if n > 1 else 2000
+        for kernel, args in calls.items():
+            times = {"old": [], "new": []}
+            for _ in range(a.rounds):
+                for name, k in (("old", old), ("new", new)):
+                    t0 = time.perf_counter()
+                    fn = getattr(k, kernel)
+                    for _ in range(reps):
+                        fn(*args)
+                    times[name].append((time.perf_counter() - t0) / reps)
+            to, tn = (sorted(times[k])[len(times[k]) // 2] for k in ("old", "new"))
+            gflop = 2 * pairs * s * d * (2 if gated and kernel == "pairs_in" else 1) / 1e9
+            print(f"| {kernel} | {d} | {s} | {n_exp}{' (gated)' if gated else ''} | {n} | "
+                  f"{pairs} | {1e6 * to:.0f} us ({gflop / to:.0f} GFLOP/s) | {1e6 * tn:.0f} us "
+                  f"({gflop / tn:.0f} GFLOP/s) | {to / tn:.2f}x |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
