@@ -69,3 +69,41 @@ def test_batches_shrink_with_a_large_vocabulary():
     assert tokens_per_batch(lm(262_144)) == LOGIT_ENTRIES // 262_144 == 512
     assert tokens_per_batch(lm(49_152)) == TOKENS_PER_BATCH == 2048
     assert tokens_per_batch(tiny("bert-cls")) == TOKENS_PER_BATCH
+
+
+@pytest.mark.parametrize("family", ["gated", "bert"])
+def test_sensitivity_passes_split_does_not_change_it(family):
+    """Cutting batches into passes of fewer tokens (less backward memory) captures the same
+    inputs and output gradients: the Fisher samples are drawn per sequence."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from d2d.measure.sensitivity import layer_sensitivity
+    from d2d.models import task_of
+    from d2d.nn.structure import attach_routers, moe_layers
+    from d2d.stages import ConvertConfig
+    from d2d.stages.convert import convert
+
+    m = tiny(family)
+    convert(m, ConvertConfig(n_experts=8))
+    attach_routers(moe_layers(m), 8)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(1, 90, (4, 10), generator=g)
+        am = torch.ones_like(ids)
+        am[1, :3] = 0
+        batches.append({"input_ids": ids, "attention_mask": am})
+    ev = SimpleNamespace(task=task_of(m), batches=batches)
+    whole = layer_sensitivity(m, ev, 1, 80, seed=3, pass_tokens=1000)
+    split = layer_sensitivity(m, ev, 1, 80, seed=3, pass_tokens=10)  # one sequence a pass
+    for i in moe_layers(m):
+        for a, b in zip(whole.caps[i], split.caps[i], strict=True):
+            if a is not None:
+                torch.testing.assert_close(a, b)
+        torch.testing.assert_close(whole.grads[i], split.grads[i], rtol=1e-4, atol=1e-6)
+        assert whole.grads[i].abs().sum() > 0
+    # another seed draws other samples
+    other = layer_sensitivity(m, ev, 1, 80, seed=4, pass_tokens=1000)
+    assert not torch.allclose(other.grads[0], whole.grads[0])

@@ -67,13 +67,27 @@ class Sensitivity:
         return out
 
 
+# tokens per forward/backward pass of the sensitivity measure: the backward keeps every block's
+# activations, which on wide models outgrow the model itself (a 16-block 1B-class model held
+# 9 GB beyond its 4 GB at 2,048 tokens a pass), so batches are cut into passes of this many
+PASS_TOKENS = 512
+
+
 def layer_sensitivity(
-    model, ev, dense_sink: int, tokens: int, seed: int = 0, scores: str = "router", progress=None
+    model,
+    ev,
+    dense_sink: int,
+    tokens: int,
+    seed: int = 0,
+    scores: str = "router",
+    progress=None,
+    pass_tokens: int = PASS_TOKENS,
 ) -> Sensitivity:
-    """One forward/backward pass capturing each MoE layer's input and output gradient
-    (`progress(task, done, total)` after each batch)."""
+    """Forward/backward passes capturing each MoE layer's input and output gradient, at most
+    `pass_tokens` tokens (at least one sequence) a pass (`progress(task, done, total)` after
+    each batch). The Fisher samples are drawn per sequence, so the passes' split does not
+    change the result."""
     moes = moe_layers(model)
-    gen = torch.Generator().manual_seed(seed)
     caps: dict[int, list] = {i: [] for i in moes}
     outs: dict[int, list] = {i: [] for i in moes}
 
@@ -102,21 +116,28 @@ def layer_sensitivity(
             break
         chosen.append(b)
         used += int(b["input_ids"].numel())
+    row = 0  # index of the next sequence: it seeds that sequence's Fisher sample
     try:
         with routing(model, ALL):
             for j, b in enumerate(chosen):
                 if progress is not None:
                     progress("sensitivity (forward and backward)", j, len(chosen))
                 kw = {k: v for k, v in b.items() if not k.endswith("_")}
-                with torch.enable_grad():
-                    out = model(**kw)
-                    loss = _fisher_loss(ev.task, out, kw, gen)
-                    ys = [outs[i][-1] for i in moes]
-                    gs = torch.autograd.grad(loss, ys, allow_unused=True)
-                for i, y, g in zip(moes, ys, gs, strict=True):
-                    grads[i].append(torch.zeros_like(y) if g is None else g.detach())
-                for i in moes:
-                    outs[i].clear()
+                n, t = kw["input_ids"].shape[:2]
+                step = max(1, pass_tokens // max(1, t))
+                for r0 in range(0, n, step):
+                    part = {k: v[r0 : r0 + step] for k, v in kw.items()}
+                    rows = range(row + r0, row + min(n, r0 + step))
+                    with torch.enable_grad():
+                        out = model(**part)
+                        loss = _fisher_loss(ev.task, out, part, seed, rows)
+                        ys = [outs[i][-1] for i in moes]
+                        gs = torch.autograd.grad(loss, ys, allow_unused=True)
+                    for i, y, g in zip(moes, ys, gs, strict=True):
+                        grads[i].append(torch.zeros_like(y) if g is None else g.detach())
+                    for i in moes:
+                        outs[i].clear()
+                row += n
     finally:
         for m in moes.values():
             m.capture = None
@@ -138,14 +159,27 @@ def layer_sensitivity(
     return Sensitivity(moes, merged, g, dense_sink, scores)
 
 
-def _fisher_loss(task: str, out, kw, gen: torch.Generator) -> torch.Tensor:
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + row)
+
+
+def _fisher_loss(task: str, out, kw, seed: int, rows) -> torch.Tensor:
+    """A loss whose gradient is a sample of the empirical Fisher's: labels drawn from the model's
+    own distribution (decoders, classifiers) or random output directions (encoders), each
+    sequence from a generator seeded by its index `rows[j]`."""
     if task == "encoder":
         h = out.last_hidden_state
-        r = torch.randn(h.shape, generator=gen).to(h.dtype)
-        return (h * r * kw["attention_mask"].unsqueeze(-1)).sum()
+        r = torch.stack([torch.randn(h.shape[1:], generator=_row_generator(seed, i)) for i in rows])
+        return (h * r.to(h.dtype) * kw["attention_mask"].unsqueeze(-1)).sum()
     logits = out.logits.float()
-    probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
-    y = torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1])
+    probs = logits.detach().softmax(-1)
+    flat = probs.reshape(probs.shape[0], -1, probs.shape[-1])  # [rows, positions, classes]
+    y = torch.stack(
+        [
+            torch.multinomial(flat[j], 1, generator=_row_generator(seed, i)).squeeze(-1)
+            for j, i in enumerate(rows)
+        ]
+    ).view(logits.shape[:-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
 
 
