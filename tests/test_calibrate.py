@@ -58,6 +58,23 @@ def test_choose_by_target_and_by_drop():
         choose(rows, CalibrateConfig(target_flops=0.3))
 
 
+def test_choose_skips_points_that_pass_between_failing_neighbours():
+    """A noisy calibration curve: a cheap point within the drop after denser points of the same
+    rule failed it is not chosen; the last point before the first failure is."""
+    rows = [
+        {"rule": "dense", "ffn_fraction": 1.0, "drop": 0.0},
+        {"rule": "global tau 0.05", "ffn_fraction": 0.4, "drop": 0.005},
+        {"rule": "global tau 0.1", "ffn_fraction": 0.27, "drop": 0.01},
+        {"rule": "global tau 0.15", "ffn_fraction": 0.2, "drop": 0.015},
+        {"rule": "global tau 0.5", "ffn_fraction": 0.065, "drop": 0.005},
+        {"rule": "per-layer tau @30%", "ffn_fraction": 0.3, "drop": 0.0},
+        {"rule": "per-layer tau @20%", "ffn_fraction": 0.22, "drop": 0.005},
+    ]
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01)) == 6
+    rows[6]["drop"] = 0.02  # now the per-layer rule fails at 20%: global tau 0.1 it is
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01)) == 2
+
+
 def test_batches_shrink_with_a_large_vocabulary():
     """Logits (and calibration's softmax and gradient of them) grow with the vocabulary: a
     262k-token vocabulary evaluates 512 tokens a batch, SmolLM2's 49k the usual 2,048."""

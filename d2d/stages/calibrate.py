@@ -66,7 +66,8 @@ class CalibrateConfig(SampleFields):
     max_quality_drop: float | None = field(
         default=None,
         metadata={
-            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%). "
+            "help": "Choose the fewest FLOPs whose quality drop <= this (0.02 = 2%), as must "
+            "be every point of the same rule with more FLOPs. "
             f"Default when no target is given: {DEFAULT_MAX_DROP:g}."
         },
     )
@@ -143,7 +144,8 @@ def budget_fraction(row: dict) -> float:
 
 
 def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
-    """The chosen row: best quality within --target-flops, else fewest FLOPs within the drop."""
+    """The chosen row: best quality within --target-flops, else fewest FLOPs within the drop
+    (with every point of the same rule that runs more FLOPs within it too)."""
     if cfg.target_flops is not None:
         limit = cfg.target_flops + TARGET_SLACK
         ok = [j for j, r in enumerate(rows) if budget_fraction(r) <= limit]
@@ -154,8 +156,24 @@ def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
             )
         return min(ok, key=lambda j: rows[j]["drop"])
     limit = DEFAULT_MAX_DROP if cfg.max_quality_drop is None else cfg.max_quality_drop
-    ok = [j for j, r in enumerate(rows) if r["drop"] <= limit]
+
+    def within(r) -> bool:  # it, and every point of its rule that runs more FLOPs
+        return all(
+            q["drop"] <= limit
+            for q in rows
+            if _family(q) == _family(r) and budget_fraction(q) >= budget_fraction(r)
+        )
+
+    ok = [j for j, r in enumerate(rows) if within(r)]
     return min(ok, key=lambda j: (budget_fraction(rows[j]), rows[j]["drop"]))
+
+
+def _family(row: dict) -> str:
+    """A row's rule without its parameter ("global tau 0.1" -> "global tau"): a point that
+    passes the quality limit while a point of its rule with more FLOPs fails it passed by the
+    calibration split's noise, and --max-quality-drop does not choose it."""
+    label = row.get("rule", "")
+    return label.rsplit(" ", 1)[0] if " " in label else label
 
 
 def sweep(
