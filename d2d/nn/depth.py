@@ -182,6 +182,10 @@ class MoDBlock(nn.Module):
         # rows of the KV cache (False: pad rows with placeholders; kept for the equivalence test)
         self.compact = True
         self.block = block
+        # the keyword under which the block and its attention take the KV cache (read once:
+        # inspecting a signature on every decoding step would cost more than the step's routing)
+        self._cache_kw = cache_name(block)
+        self._attn_cache_kw = cache_name(block.self_attn) if hasattr(block, "self_attn") else None
         self.router = nn.Linear(d_model, 1)
         nn.init.zeros_(self.router.weight)
         nn.init.zeros_(self.router.bias)
@@ -479,7 +483,7 @@ class MoDBlock(nn.Module):
             attention_mask=mask,
             position_ids=pos,
             position_embeddings=pe,
-            **{cache_name(self.block): cache},
+            **{self._cache_kw: cache},
             **kwargs,
         )
         return (ys[0] if isinstance(ys, tuple) else ys) - h
@@ -491,7 +495,7 @@ class MoDBlock(nn.Module):
             attention_mask=mask,
             position_ids=pos,
             position_embeddings=pe,
-            **{cache_name(self.block.self_attn): cache},
+            **{self._attn_cache_kw: cache},
             **kwargs,
         )
         return out[0] if isinstance(out, tuple) else out
