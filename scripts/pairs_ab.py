@@ -2,7 +2,9 @@
 pair's down-projection rows added into its token's output) of this checkout against the ones at
 another git revision, on random MLP shapes of the bundled models (MiniLM's FFN and projection
 MLPs in experts of 16 and 4, a SmolLM2-shaped gated FFN), raw kernel calls interleaved in one
-run, outputs checked equal:
+run, outputs checked equal. Where this checkout has the tiled kernels for a shape (experts of 16
+or 32 neurons on AVX-512), "this checkout" times them (`pairs_in_packed` on the packed weights,
+`pairs_out_strips`), as the sparse FFN runs them:
 
     python scripts/pairs_ab.py --rev HEAD~1
 """
@@ -21,6 +23,10 @@ SHAPES = [
     (384, 4, 96, 256, 0.25, False),
     (384, 16, 96, 256, 0.12, False),
     (576, 16, 96, 256, 0.4, True),
+    (384, 32, 12, 256, 0.3, False),
+    (384, 16, 24, 16, 0.26, False),
+    (576, 16, 96, 16, 0.3, True),
+    (576, 16, 96, 1, 0.3, True),
     (576, 1, 1536, 1, 0.6, True),
 ]
 
@@ -51,34 +57,47 @@ def main() -> None:
         w2 = torch.randn(n_exp * s, d) if gated else torch.empty(0)
         _, tok, pos, off = new.route(torch.rand(n, n_exp) < frac)
         pairs = tok.numel()
+        tiled = hasattr(new, "tiled") and new.tiled(s, d)
+        if tiled:
+            p1, p2 = (w.view(n_exp, s, d).transpose(1, 2).contiguous() if w.numel() else w
+                      for w in (w1, w2))  # fmt: skip
+        ins = {  # kernel -> (function, weights) per side
+            "old": (old.pairs_in, w1, w2),
+            "new": (new.pairs_in_packed, p1, p2) if tiled else (new.pairs_in, w1, w2),
+        }
+        outs = {"old": old.pairs_out, "new": new.pairs_out_strips if tiled else new.pairs_out}
         out = {}
-        for name, k in (("old", old), ("new", new)):
+        for name in ("old", "new"):
             up, gate = torch.empty(pairs, s), torch.empty(pairs, s) if gated else torch.empty(0)
-            k.pairs_in(x, w1, w2, tok, pos, off, up, gate, s)
+            fn, u1, u2 = ins[name]
+            fn(x, u1, u2, tok, pos, off, up, gate, s)
             out[name] = (up, gate)
         for u, v in zip(out["old"], out["new"], strict=True):
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
         up, gate = out["new"]
         h = torch.relu(up).contiguous()
-        ys = [k.pairs_out(h, w1, tok, pos, off, n, s) for k in (old, new)]
+        ys = [outs[k](h, w1, tok, pos, off, n, s) for k in ("old", "new")]
         torch.testing.assert_close(ys[0], ys[1], rtol=1e-4, atol=1e-3)
-        calls = {  # kernel -> its arguments
-            "pairs_in": (x, w1, w2, tok, pos, off, up, gate, s),
-            "pairs_out": (h, w1, tok, pos, off, n, s),
+        calls = {  # kernel -> per side, the function and its arguments
+            "pairs_in": {
+                k: (ins[k][0], (x, ins[k][1], ins[k][2], tok, pos, off, up, gate, s)) for k in ins
+            },
+            "pairs_out": {k: (outs[k], (h, w1, tok, pos, off, n, s)) for k in outs},
         }
         reps = 200 if n > 1 else 2000
-        for kernel, args in calls.items():
+        for kernel, sides in calls.items():
             times = {"old": [], "new": []}
             for _ in range(a.rounds):
-                for name, k in (("old", old), ("new", new)):
+                for name in ("old", "new"):
+                    fn, args = sides[name]
                     t0 = time.perf_counter()
-                    fn = getattr(k, kernel)
                     for _ in range(reps):
                         fn(*args)
                     times[name].append((time.perf_counter() - t0) / reps)
             to, tn = (sorted(times[k])[len(times[k]) // 2] for k in ("old", "new"))
             gflop = 2 * pairs * s * d * (2 if gated and kernel == "pairs_in" else 1) / 1e9
-            print(f"| {kernel} | {d} | {s} | {n_exp}{' (gated)' if gated else ''} | {n} | "
+            label = kernel + (" (tiled)" if tiled else "")
+            print(f"| {label} | {d} | {s} | {n_exp}{' (gated)' if gated else ''} | {n} | "
                   f"{pairs} | {1e6 * to:.0f} us ({gflop / to:.0f} GFLOP/s) | {1e6 * tn:.0f} us "
                   f"({gflop / tn:.0f} GFLOP/s) | {to / tn:.2f}x |")  # fmt: skip
 

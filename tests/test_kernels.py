@@ -72,6 +72,78 @@ def test_sparse_ffn_equals_masked_on_random_shapes(seed):
             assert kernels.fused_ffn(moe, x, mask, 0.5 * float(mask.float().mean())) is None
 
 
+def _tiled_cases():
+    # (d_in, d_out, experts, size, gated, tokens): blocks of 8, 4, 2 and 1 pairs, an output
+    # narrower than the input (grouped-query key/value projections), chunks past 512 tokens
+    shapes = [(64, 64, 6, 16, True), (96, 64, 5, 16, False), (64, 96, 3, 32, False)]
+    shapes += [(128, 128, 4, 32, True), (100, 64, 4, 16, False)]  # 100: pairs_in not tiled
+    return [(*s, n) for s in shapes for n in (1, 2, 3, 7, 9, 130, 600)]
+
+
+@pytest.mark.parametrize("d, d_out, n_experts, size, gated, n", _tiled_cases())
+def test_tiled_kernels_equal_masked(d, d_out, n_experts, size, gated, n):
+    """Experts of 16 and 32 neurons take the tiled kernels (AVX-512): equal to the masked
+    reference and to the pair kernels, every block size, biases, an unused expert, an expert
+    every token takes."""
+    k = kernels.load()
+    if not k.tiled(size, d_out):
+        pytest.skip("no AVX-512 here: the tiled kernels are not built")
+    g = torch.Generator().manual_seed(n + d)
+    moe = MoEFFN(d, n_experts, size, torch.nn.SiLU(), gated=gated, bias_in=True, bias_out=True,
+                 d_out=d_out)  # fmt: skip
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2, generator=g)
+    x = torch.randn(n, d, generator=g)
+    mask = torch.rand(n, n_experts, generator=g) < 0.4
+    mask[:, 0] = False
+    mask[:, 1] = True
+    with torch.no_grad():
+        want = masked_reference(moe, x, mask)
+        got = kernels.sparse_ffn(moe, x, mask)
+        fused = kernels.fused_ffn(moe, x, mask, 1.0)
+        # the pair kernels on the same pairs
+        _, tok, pos, off = k.route(mask)
+        pairs = tok.numel()
+        up, up2 = torch.empty(pairs, size), torch.empty(pairs, size)
+        gate = torch.empty(pairs, size) if gated else torch.empty(0)
+        gate2 = torch.empty(pairs, size) if gated else torch.empty(0)
+        k.pairs_in(
+            x, moe.w_in, moe.w_gate if gated else torch.empty(0), tok, pos, off, up, gate, size
+        )
+        wp_in, wp_gate = kernels.packed(moe, d)
+        assert bool(wp_in.numel()) == k.tiled(size, d)
+        if wp_in.numel():
+            k.pairs_in_packed(x, wp_in, wp_gate, tok, pos, off, up2, gate2, size)
+            torch.testing.assert_close(up2, up, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gate2, gate, rtol=1e-5, atol=1e-5)
+        h = torch.randn(pairs, size, generator=g)
+        torch.testing.assert_close(
+            k.pairs_out_strips(h, moe.w_out, tok, pos, off, n, size),
+            k.pairs_out(h, moe.w_out, tok, pos, off, n, size),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_copies_follow_weight_changes():
+    k = kernels.load()
+    if not k.tiled(16, 64):
+        pytest.skip("no AVX-512 here: the tiled kernels are not built")
+    moe = MoEFFN(64, 4, 16, torch.nn.SiLU(), gated=True, bias_in=False, bias_out=False)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2)
+    x, mask = torch.randn(9, 64), torch.rand(9, 4) < 0.5
+    with torch.no_grad():
+        first = kernels.fused_ffn(moe, x, mask, 1.0)
+        moe.w_in.mul_(2.0)  # an in-place change: the packed copy must be rebuilt
+        second = kernels.fused_ffn(moe, x, mask, 1.0)
+        torch.testing.assert_close(second, masked_reference(moe, x, mask))
+    assert not torch.allclose(first, second)
+    assert moe.derived_bytes() == 2 * moe.w_in.numel() * 4  # up's and gate's packed copies
+
+
 def routed_model(family: str, seed: int = 0):
     m = tiny(family, seed=seed)
     convert(m, ConvertConfig(n_experts=8))

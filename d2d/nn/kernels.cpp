@@ -217,6 +217,238 @@ Tensor pairs_out(const Tensor& h, const Tensor& w_out, const Tensor& tok, const 
   return y;
 }
 
+// Tiled kernels for experts of 16 or 32 neurons on AVX-512 CPUs. The pre-activations read
+// each expert's weights from a packed [E, d, s] copy (an expert's block is contiguous and
+// its s neurons lie side by side: one or two 16-float vectors per input entry), so a block
+// of up to 8 of the expert's tokens keeps its s pre-activations in registers while the
+// input entries stream by: one weight load and one broadcast per multiply-add per token, no
+// horizontal sums. The down projection runs by strips of 32 output columns (the strip of
+// every token's output stays in L1 while all the blocks add into it; threads share the
+// strips, so no per-thread copies are summed). Blocks take 8, 4, 2 or 1 pairs, never padding.
+#ifdef __AVX512F__
+namespace {
+constexpr int kMaxBlock = 8;
+
+inline int block_size(int64_t remaining) {
+  return remaining >= 8 ? 8 : remaining >= 4 ? 4 : remaining >= 2 ? 2 : 1;
+}
+
+// TB tokens (rows xr[t]) against one expert's packed block wp [d, 16*NV] (and gp, gated):
+// pre-activations into ar[t] (and br[t]). Fewer than 4 tokens split the input entries
+// between K running sums so that the multiply-adds do not wait on one another.
+template <int NV, int TB, bool GATED>
+inline void tile_in(const float* const* xr, const float* wp, const float* gp, int64_t d,
+                    float* const* ar, float* const* br) {
+  constexpr int S = 16 * NV, K = TB >= 4 ? 1 : 4 / TB;
+  __m512 acc[K][TB][NV], acg[K][TB][GATED ? NV : 1];
+  for (int k = 0; k < K; ++k)
+    for (int t = 0; t < TB; ++t)
+      for (int v = 0; v < NV; ++v) {
+        acc[k][t][v] = _mm512_setzero_ps();
+        if (GATED) acg[k][t][v] = _mm512_setzero_ps();
+      }
+  int64_t c = 0;
+  for (; c + K <= d; c += K)
+    for (int k = 0; k < K; ++k) {
+      __m512 w[NV], g[GATED ? NV : 1];
+      for (int v = 0; v < NV; ++v) {
+        w[v] = _mm512_loadu_ps(wp + (c + k) * S + 16 * v);
+        if (GATED) g[v] = _mm512_loadu_ps(gp + (c + k) * S + 16 * v);
+      }
+      for (int t = 0; t < TB; ++t) {
+        const __m512 xv = _mm512_set1_ps(xr[t][c + k]);
+        for (int v = 0; v < NV; ++v) {
+          acc[k][t][v] = _mm512_fmadd_ps(xv, w[v], acc[k][t][v]);
+          if (GATED) acg[k][t][v] = _mm512_fmadd_ps(xv, g[v], acg[k][t][v]);
+        }
+      }
+    }
+  for (; c < d; ++c)
+    for (int t = 0; t < TB; ++t) {
+      const __m512 xv = _mm512_set1_ps(xr[t][c]);
+      for (int v = 0; v < NV; ++v) {
+        acc[0][t][v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wp + c * S + 16 * v), acc[0][t][v]);
+        if (GATED)
+          acg[0][t][v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(gp + c * S + 16 * v), acg[0][t][v]);
+      }
+    }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < NV; ++v) {
+      __m512 a = acc[0][t][v], b = GATED ? acg[0][t][v] : a;
+      for (int k = 1; k < K; ++k) {
+        a = _mm512_add_ps(a, acc[k][t][v]);
+        if (GATED) b = _mm512_add_ps(b, acg[k][t][v]);
+      }
+      _mm512_storeu_ps(ar[t] + 16 * v, a);
+      if (GATED) _mm512_storeu_ps(br[t] + 16 * v, b);
+    }
+}
+
+template <int NV, bool GATED>
+void tiled_in(const float* X, const float* WP, const float* GP, const int64_t* T,
+              const int64_t* P, const int64_t* O, float* A, float* B, int64_t d, int64_t E) {
+  constexpr int S = 16 * NV;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t e = 0; e < E; ++e) {
+    const float* wp = WP + e * d * S;
+    const float* gp = GATED ? GP + e * d * S : wp;
+    for (int64_t p = O[e]; p < O[e + 1];) {
+      const int tb = block_size(O[e + 1] - p);
+      const float* xr[kMaxBlock];
+      float *ar[kMaxBlock], *br[kMaxBlock];
+      for (int t = 0; t < tb; ++t) {
+        xr[t] = X + T[p + t] * d;
+        ar[t] = A + P[p + t] * S;
+        br[t] = B + P[p + t] * S;
+      }
+      switch (tb) {
+        case 8: tile_in<NV, 8, GATED>(xr, wp, gp, d, ar, br); break;
+        case 4: tile_in<NV, 4, GATED>(xr, wp, gp, d, ar, br); break;
+        case 2: tile_in<NV, 2, GATED>(xr, wp, gp, d, ar, br); break;
+        default: tile_in<NV, 1, GATED>(xr, wp, gp, d, ar, br);
+      }
+      p += tb;
+    }
+  }
+}
+
+// TB tokens' h (hv [S][TB]) times one expert's rows wo (row stride d) on the strip of 32
+// columns from c0, added into the tokens' output rows yr[t].
+template <int S, int TB>
+inline void tile_out(const float* hv, const float* wo, int64_t d, int64_t c0,
+                     const int64_t* rows, float* Y) {
+  constexpr int K = TB >= 4 ? 1 : 4 / TB;
+  __m512 a0[K][TB], a1[K][TB];
+  for (int k = 0; k < K; ++k)
+    for (int t = 0; t < TB; ++t) {
+      a0[k][t] = _mm512_setzero_ps();
+      a1[k][t] = _mm512_setzero_ps();
+    }
+  for (int j = 0; j < S; j += K)
+    for (int k = 0; k < K; ++k) {
+      const __m512 w0 = _mm512_loadu_ps(wo + (j + k) * d + c0);
+      const __m512 w1 = _mm512_loadu_ps(wo + (j + k) * d + c0 + 16);
+      for (int t = 0; t < TB; ++t) {
+        const __m512 h = _mm512_set1_ps(hv[(j + k) * TB + t]);
+        a0[k][t] = _mm512_fmadd_ps(h, w0, a0[k][t]);
+        a1[k][t] = _mm512_fmadd_ps(h, w1, a1[k][t]);
+      }
+    }
+  for (int t = 0; t < TB; ++t) {
+    __m512 u = a0[0][t], v = a1[0][t];
+    for (int k = 1; k < K; ++k) {
+      u = _mm512_add_ps(u, a0[k][t]);
+      v = _mm512_add_ps(v, a1[k][t]);
+    }
+    float* yr = Y + rows[t] + c0;
+    _mm512_storeu_ps(yr, _mm512_add_ps(_mm512_loadu_ps(yr), u));
+    _mm512_storeu_ps(yr + 16, _mm512_add_ps(_mm512_loadu_ps(yr + 16), v));
+  }
+}
+
+template <int S>
+Tensor tiled_out(const float* H, const float* Wo, const int64_t* T, const int64_t* Q,
+                 const int64_t* O, int64_t N, int64_t d, int64_t E, const Tensor& like) {
+  // the blocks (expert, first pair, size), their h packed [S][size] and output row offsets
+  std::vector<int64_t> bexp, bstart, bpack;
+  std::vector<int> bsize;
+  int64_t packed = 0;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t p = O[e]; p < O[e + 1];) {
+      const int tb = block_size(O[e + 1] - p);
+      bexp.push_back(e);
+      bstart.push_back(p);
+      bsize.push_back(tb);
+      bpack.push_back(packed);
+      packed += tb;
+      p += tb;
+    }
+  const int64_t nb = bexp.size();
+  std::vector<float> hb(packed * S);
+  std::vector<int64_t> rows(packed);
+#pragma omp parallel for schedule(static) if (nb > 64)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int tb = bsize[b];
+    float* dst = hb.data() + bpack[b] * S;
+    for (int t = 0; t < tb; ++t) {
+      const int64_t q = bstart[b] + t;
+      rows[bpack[b] + t] = T[q] * d;
+      const float* src = H + Q[q] * S;
+      for (int j = 0; j < S; ++j) dst[j * tb + t] = src[j];
+    }
+  }
+  Tensor y = torch::zeros({N, d}, like.options());
+  float* Y = y.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t c0 = 0; c0 < d; c0 += 32)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* hv = hb.data() + bpack[b] * S;
+      const float* wo = Wo + bexp[b] * S * d;
+      const int64_t* rw = rows.data() + bpack[b];
+      switch (bsize[b]) {
+        case 8: tile_out<S, 8>(hv, wo, d, c0, rw, Y); break;
+        case 4: tile_out<S, 4>(hv, wo, d, c0, rw, Y); break;
+        case 2: tile_out<S, 2>(hv, wo, d, c0, rw, Y); break;
+        default: tile_out<S, 1>(hv, wo, d, c0, rw, Y);
+      }
+    }
+  return y;
+}
+}  // namespace
+#endif
+
+// Whether the tiled kernels run for this expert size and width on this build.
+bool tiled(int64_t s, int64_t d) {
+#ifdef __AVX512F__
+  return (s == 16 || s == 32) && d % 32 == 0;
+#else
+  (void)s;
+  (void)d;
+  return false;
+#endif
+}
+
+// pairs_in on the packed copies wp_in / wp_gate [E, d, s] (tiled(s, d) must hold).
+void pairs_in_packed(const Tensor& x, const Tensor& wp_in, const Tensor& wp_gate,
+                     const Tensor& tok, const Tensor& pos, const Tensor& off, Tensor& a,
+                     Tensor& b, int64_t s) {
+  TORCH_CHECK(tiled(s, x.size(1)), "the tiled kernels do not apply here");
+#ifdef __AVX512F__
+  const int64_t d = x.size(1), E = off.numel() - 1;
+  const bool gated = wp_gate.numel() > 0;
+  const float* X = x.data_ptr<float>();
+  const float* W = wp_in.data_ptr<float>();
+  const float* G = gated ? wp_gate.data_ptr<float>() : W;
+  const int64_t *T = tok.data_ptr<int64_t>(), *P = pos.data_ptr<int64_t>();
+  const int64_t* O = off.data_ptr<int64_t>();
+  float* A = a.data_ptr<float>();
+  float* B = gated ? b.data_ptr<float>() : A;
+  if (s == 16) {
+    if (gated) tiled_in<1, true>(X, W, G, T, P, O, A, B, d, E);
+    else tiled_in<1, false>(X, W, G, T, P, O, A, B, d, E);
+  } else {
+    if (gated) tiled_in<2, true>(X, W, G, T, P, O, A, B, d, E);
+    else tiled_in<2, false>(X, W, G, T, P, O, A, B, d, E);
+  }
+#endif
+}
+
+// pairs_out by strips of output columns (tiled(s, d) must hold).
+Tensor pairs_out_strips(const Tensor& h, const Tensor& w_out, const Tensor& tok,
+                        const Tensor& pos, const Tensor& off, int64_t n_tokens, int64_t s) {
+  const int64_t d = w_out.size(1), E = off.numel() - 1;
+  TORCH_CHECK(tiled(s, d), "the tiled kernels do not apply here");
+#ifdef __AVX512F__
+  const float *H = h.data_ptr<float>(), *Wo = w_out.data_ptr<float>();
+  const int64_t *T = tok.data_ptr<int64_t>(), *Q = pos.data_ptr<int64_t>();
+  const int64_t* O = off.data_ptr<int64_t>();
+  return s == 16 ? tiled_out<16>(H, Wo, T, Q, O, n_tokens, d, E, h)
+                 : tiled_out<32>(H, Wo, T, Q, O, n_tokens, d, E, h);
+#else
+  return Tensor();
+#endif
+}
+
 // the dot product of two rows of n floats
 static inline float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -241,14 +473,18 @@ static inline float activate(float v, int64_t act) {
 // product), biases, down projection.
 Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
                  const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out,
-                 const Tensor& b_out, int64_t s, int64_t act) {
+                 const Tensor& b_out, const Tensor& wp_in, const Tensor& wp_gate, int64_t s,
+                 int64_t act) {
   auto r = route(mask);
   const Tensor &ex = r[0], &tok = r[1], &pos = r[2], &off = r[3];
   const int64_t P = ex.numel();
   const bool gated = w_gate.numel() > 0;
   Tensor up = torch::empty({P, s}, x.options());
   Tensor gate = gated ? torch::empty({P, s}, x.options()) : torch::empty({0}, x.options());
-  pairs_in(x, w_in, w_gate, tok, pos, off, up, gate, s);
+  if (wp_in.numel() > 0 && tiled(s, x.size(1)))
+    pairs_in_packed(x, wp_in, wp_gate, tok, pos, off, up, gate, s);
+  else
+    pairs_in(x, w_in, w_gate, tok, pos, off, up, gate, s);
   float* U = up.data_ptr<float>();
   const float* G = gated ? gate.data_ptr<float>() : nullptr;
   const float* BI = b_in.numel() ? b_in.data_ptr<float>() : nullptr;
@@ -266,17 +502,20 @@ Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const 
       U[p * s + j] = u;
     }
   }
-  Tensor y = pairs_out(up, w_out, tok, pos, off, x.size(0), s);
+  Tensor y = tiled(s, w_out.size(1)) ? pairs_out_strips(up, w_out, tok, pos, off, x.size(0), s)
+                  : pairs_out(up, w_out, tok, pos, off, x.size(0), s);
   if (b_out.numel()) y.add_(b_out);
   return y;
 }
 
 // The whole sparse FFN in one call (fewer framework round trips: what decoding one token at a
 // time pays for). Returns an empty tensor when more than max_pairs pairs are selected (the
-// dense product is then faster and the caller uses it).
+// dense product is then faster and the caller uses it). wp_in / wp_gate: packed [E, d, s]
+// copies for the tiled kernels, or empty.
 Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor& b_in,
            const Tensor& w_gate, const Tensor& b_gate, const Tensor& w_out, const Tensor& b_out,
-           int64_t s, int64_t act, int64_t max_pairs) {
+           const Tensor& wp_in, const Tensor& wp_gate, int64_t s, int64_t act,
+           int64_t max_pairs) {
   const bool* M = mask.data_ptr<bool>();
   int64_t pairs = 0;
   for (int64_t i = 0, n = mask.numel(); i < n; ++i) pairs += M[i];
@@ -284,12 +523,13 @@ Tensor ffn(const Tensor& x, const Tensor& mask, const Tensor& w_in, const Tensor
   // chunks of tokens: a chunk's inputs, pre-activations and outputs stay in cache
   constexpr int64_t CH = 512;
   const int64_t N = x.size(0);
-  if (N <= CH) return ffn_chunk(x, mask, w_in, b_in, w_gate, b_gate, w_out, b_out, s, act);
+  if (N <= CH)
+    return ffn_chunk(x, mask, w_in, b_in, w_gate, b_gate, w_out, b_out, wp_in, wp_gate, s, act);
   Tensor y = torch::empty({N, w_out.size(1)}, x.options());
   for (int64_t a = 0; a < N; a += CH) {
     const int64_t n = std::min(CH, N - a);
     y.narrow(0, a, n).copy_(ffn_chunk(x.narrow(0, a, n), mask.narrow(0, a, n), w_in, b_in, w_gate,
-                                      b_gate, w_out, b_out, s, act));
+                                      b_gate, w_out, b_out, wp_in, wp_gate, s, act));
   }
   return y;
 }
@@ -457,4 +697,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route", &route);
   m.def("pairs_in", &pairs_in);
   m.def("pairs_out", &pairs_out);
+  m.def("tiled", &tiled);
+  m.def("pairs_in_packed", &pairs_in_packed);
+  m.def("pairs_out_strips", &pairs_out_strips);
 }

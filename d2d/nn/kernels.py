@@ -15,6 +15,11 @@ C++ kernel (compiled on first use with torch's JIT extension builder, cached aft
    expert's block is contiguous and stays in cache) into its tokens' outputs: experts in
    parallel, each thread into its own copy of the output, summed at the end.
 
+On AVX-512 CPUs, experts of 16 or 32 neurons take tiled kernels instead (`pairs_in_packed`
+on a packed [E, d, s] copy of the weights, `pairs_out_strips` by strips of output columns):
+a block of up to 8 of an expert's tokens keeps its pre-activations (or a strip of its
+outputs) in vector registers, with no horizontal sums; 1.5-2x the pair kernels' speed.
+
 The result equals the masked dense computation up to float summation order (tests assert it).
 Where the kernel cannot be built (no compiler) or does not apply (autograd, non-fp32 dtypes),
 the caller falls back to the masked dense path. On a GPU, `grouped_ffn` runs the selected
@@ -102,6 +107,7 @@ def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
     code = act_code(moe.act)
     if code < 0:
         return None
+    wp_in, wp_gate = packed(moe, x.shape[1])
     y = load().ffn(
         x.contiguous(),
         mask.contiguous(),
@@ -111,6 +117,8 @@ def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
         _EMPTY if moe.b_gate is None else moe.b_gate,
         moe.w_out,
         _EMPTY if moe.b_out is None else moe.b_out,
+        wp_in,
+        wp_gate,
         moe.expert_size,
         code,
         int(max_fraction * mask.numel()),
@@ -127,7 +135,11 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pairs = ex.numel()
     up = torch.empty(pairs, s)
     gate = torch.empty(pairs, s) if moe.gated else _EMPTY
-    k.pairs_in(x, moe.w_in, moe.w_gate if moe.gated else _EMPTY, tok, pos, off, up, gate, s)
+    wp_in, wp_gate = packed(moe, x.shape[1])
+    if wp_in.numel():
+        k.pairs_in_packed(x, wp_in, wp_gate, tok, pos, off, up, gate, s)
+    else:
+        k.pairs_in(x, moe.w_in, moe.w_gate if moe.gated else _EMPTY, tok, pos, off, up, gate, s)
     if moe.b_in is not None:
         up += moe.b_in.view(E, s)[ex]
     if moe.gated:
@@ -136,13 +148,34 @@ def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = moe.act(gate).mul_(up)
     else:
         h = moe.act(up)
-    y = k.pairs_out(h.contiguous(), moe.w_out, tok, pos, off, x.shape[0], s)
+    pairs_out = k.pairs_out_strips if k.tiled(s, moe.d_out) else k.pairs_out
+    y = pairs_out(h.contiguous(), moe.w_out, tok, pos, off, x.shape[0], s)
     if moe.b_out is not None:
         y += moe.b_out
     return y
 
 
 _EMPTY = torch.empty(0)
+
+
+def packed(moe, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed copies [E, d, s] of up's (and gate's) weights for the tiled kernels (experts of
+    16 or 32 neurons on AVX-512 CPUs: an expert's block contiguous, its neurons side by side),
+    built once per weight version; empty tensors where the tiled kernels do not apply."""
+    E, s = moe.n_experts, moe.expert_size
+    if not load().tiled(s, d):
+        return _EMPTY, _EMPTY
+
+    def pack(w):
+        return w.view(E, s, d).transpose(1, 2).contiguous()
+
+    return moe._cached(
+        "packed",
+        lambda: (pack(moe.w_in), pack(moe.w_gate) if moe.gated else _EMPTY),
+        moe.w_in,
+        moe.w_gate,
+    )
+
 
 # what each kind of exact score is called by threshold_ffn
 SCORE_CODES = {"activation": 0, "magnitude": 1, "gate": 2}

@@ -171,7 +171,7 @@ class MoEFFN(nn.Module):
         return hit[1]
 
     def derived_bytes(self) -> int:
-        """Bytes held in derived copies of the weights (the threshold kernel's)."""
+        """Bytes held in derived copies of the weights (the threshold and tiled kernels')."""
         return sum(
             t.numel() * t.element_size()
             for _, made in self._derived.values()
