@@ -514,3 +514,33 @@ def test_threshold_token_limit_from_the_environment():
         moe.THRESHOLD_MAX_TOKENS = "two"
         with pytest.raises(D2DError, match="D2D_THRESHOLD_MAX_TOKENS must be a whole number"):
             moe(x)
+
+
+@pytest.mark.parametrize("rule", ["tau", "threshold"])
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_router_kernel_equals_the_modules(rule, n):
+    """The fused router mask (one kernel call) equals the router module and the rule's mask,
+    the dense sink included; training (autograd) keeps the modules."""
+    from d2d.nn.moe import Router
+    from d2d.nn.policy import RoutingPolicy
+
+    torch.manual_seed(n)
+    moe = MoEFFN(32, 12, 4, torch.nn.ReLU(), gated=False, bias_in=False, bias_out=False)
+    moe.router = Router(32, 12, 16)
+    x = torch.randn(n, 32)
+    scores = moe.router(x).detach()
+    ratio = scores / scores.amax(-1, keepdim=True)
+    value = float(ratio.median()) if rule == "tau" else float(scores.median())
+    key = "tau" if rule == "tau" else "thresholds"
+    moe.policy = RoutingPolicy.of({"rule": rule, key: value if rule == "tau" else {"0": value}})
+    moe.index = 0
+    want = moe.policy.mask(0, scores)
+    with torch.no_grad():
+        got = moe.select(x, None)
+        assert moe._fused_router_mask(x) is not None
+    assert torch.equal(got, want) and 0 < int(want.sum()) < want.numel()
+    sink = torch.zeros(n, dtype=torch.bool)
+    sink[0] = True
+    got = kernels.router_mask(moe.router, x, moe._FUSED_RULES[rule], value, sink)
+    assert torch.equal(got, want | sink[:, None])
+    assert moe._fused_router_mask(x) is None  # autograd on: the modules run

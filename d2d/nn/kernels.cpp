@@ -487,20 +487,34 @@ Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const 
     pairs_in(x, w_in, w_gate, tok, pos, off, up, gate, s);
   float* U = up.data_ptr<float>();
   const float* G = gated ? gate.data_ptr<float>() : nullptr;
-  const float* BI = b_in.numel() ? b_in.data_ptr<float>() : nullptr;
-  const float* BG = b_gate.numel() ? b_gate.data_ptr<float>() : nullptr;
+  // biases (zeros where absent) and the activation, one loop per activation kind so that
+  // the compiler vectorises each pair's s values
+  const int64_t f = w_in.size(0);
+  std::vector<float> zeros(b_in.numel() && (!gated || b_gate.numel()) ? 0 : f, 0.f);
+  const float* BI = b_in.numel() ? b_in.data_ptr<float>() : zeros.data();
+  const float* BG = !gated ? nullptr : b_gate.numel() ? b_gate.data_ptr<float>() : zeros.data();
   const int64_t* X = ex.data_ptr<int64_t>();
+  auto finish = [&](auto fn) {
 #pragma omp parallel for schedule(static) if (P > 256)
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t base = X[p] * s;
-    for (int64_t j = 0; j < s; ++j) {
-      float u = U[p * s + j] + (BI ? BI[base + j] : 0.f);
-      if (gated)
-        u *= activate(G[p * s + j] + (BG ? BG[base + j] : 0.f), act);
-      else
-        u = activate(u, act);
-      U[p * s + j] = u;
+    for (int64_t p = 0; p < P; ++p) {
+      float* u = U + p * s;
+      const float* bi = BI + X[p] * s;
+      if (gated) {
+        const float* g = G + p * s;
+        const float* bg = BG + X[p] * s;
+#pragma omp simd
+        for (int64_t j = 0; j < s; ++j) u[j] = (u[j] + bi[j]) * fn(g[j] + bg[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < s; ++j) u[j] = fn(u[j] + bi[j]);
+      }
     }
+  };
+  switch (act) {
+    case 0: finish([](float v) { return activate(v, 0); }); break;
+    case 1: finish([](float v) { return activate(v, 1); }); break;
+    case 2: finish([](float v) { return activate(v, 2); }); break;
+    default: finish([](float v) { return v > 0.f ? v : 0.f; });
   }
   Tensor y = tiled(s, w_out.size(1)) ? pairs_out_strips(up, w_out, tok, pos, off, x.size(0), s)
                   : pairs_out(up, w_out, tok, pos, off, x.size(0), s);
@@ -691,6 +705,37 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
   return y;
 }
 
+// The learned router and its rule in one call (what a layer pays per call beside its experts):
+// scores = softplus(fc2(relu(fc1(x)))) with the same ATen products as the module, then
+//   rule 0 (tau):       expert e runs iff s_e >= tau x the token's largest score
+//   rule 1 (threshold): iff s_e >= min(value, the token's largest score)
+// and every expert of a token in the dense sink (sink[t], when given). Returns the [N, E] mask.
+Tensor router_mask(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                   const Tensor& b2, int64_t rule, double value, const Tensor& sink) {
+  Tensor h = at::addmm(b1, x, w1.t());
+  h.clamp_min_(0);
+  const Tensor s = at::softplus(at::addmm(b2, h, w2.t())).contiguous();
+  const int64_t N = s.size(0), E = s.size(1);
+  Tensor mask = torch::empty({N, E}, x.options().dtype(torch::kBool));
+  const float* S = s.data_ptr<float>();
+  bool* M = mask.data_ptr<bool>();
+  const bool* K = sink.numel() ? sink.data_ptr<bool>() : nullptr;
+  const float v = (float)value;
+  for (int64_t t = 0; t < N; ++t) {
+    const float* st = S + t * E;
+    bool* mt = M + t * E;
+    if (K && K[t]) {
+      std::fill(mt, mt + E, true);
+      continue;
+    }
+    float mx = st[0];
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, st[e]);
+    const float thr = rule == 0 ? v * mx : std::min(v, mx);
+    for (int64_t e = 0; e < E; ++e) mt[e] = st[e] >= thr;
+  }
+  return mask;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn);
   m.def("threshold_ffn", &threshold_ffn);
@@ -698,6 +743,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pairs_in", &pairs_in);
   m.def("pairs_out", &pairs_out);
   m.def("tiled", &tiled);
+  m.def("router_mask", &router_mask);
   m.def("pairs_in_packed", &pairs_in_packed);
   m.def("pairs_out_strips", &pairs_out_strips);
 }

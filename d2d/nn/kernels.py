@@ -177,6 +177,21 @@ def packed(moe, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def router_mask(router, x: torch.Tensor, rule: int, value: float, sink) -> torch.Tensor:
+    """[N, E] the experts a learned router's rule runs (rule 0: tau, 1: threshold), from one
+    kernel call; `sink`: [N] tokens that run every expert, or None."""
+    return load().router_mask(
+        x.contiguous(),
+        router.fc1.weight,
+        router.fc1.bias,
+        router.fc2.weight,
+        router.fc2.bias,
+        rule,
+        float(value),
+        _EMPTY if sink is None else sink.contiguous(),
+    )
+
+
 # what each kind of exact score is called by threshold_ffn
 SCORE_CODES = {"activation": 0, "magnitude": 1, "gate": 2}
 

@@ -245,8 +245,32 @@ class MoEFFN(nn.Module):
         """Boolean [N, E] mask of experts to run, or None for all of them."""
         if not self.routes():
             return None
+        fused = self._fused_router_mask(x)
+        if fused is not None:
+            return fused
         mask = self.policy.mask(self.index, self.scores(x, h))
         return mask | self._sink_rows(x.shape[0])[:, None]
+
+    # rules the router kernel applies itself (d2d.nn.kernels.router_mask)
+    _FUSED_RULES = {"tau": 0, "threshold": 1}
+
+    def _fused_router_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The mask of a learned router and its rule from one kernel call (CPU inference in
+        fp32): the same products and comparisons as the modules, without the framework's cost
+        per operation, which dominates at few tokens. None where it does not apply."""
+        p, r = self.policy, self.router
+        if (
+            p.scores != "router"
+            or p.rule not in self._FUSED_RULES
+            or r is None
+            or torch.is_autocast_enabled("cpu")
+            or not kernels.applies(x, r.fc1.weight, r.fc2.weight)
+            or kernels.load() is None
+        ):
+            return None
+        n = x.shape[0]
+        sink = self._sink_rows(n) if self._may_sink(n) else None
+        return kernels.router_mask(r, x, self._FUSED_RULES[p.rule], p.value_at(self.index), sink)
 
     def _sink_rows(self, n: int) -> torch.Tensor:
         """[n] the tokens of this forward at positions below the policy's dense sink."""

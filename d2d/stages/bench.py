@@ -174,7 +174,7 @@ def view(record: dict) -> list:
     out.append(
         f"memory: tensors {mem['tensor_bytes'] / 2**20:.1f} MB = {mem['ratio']:.3f} x the dense "
         f"model's ({mem['dense_tensor_bytes'] / 2**20:.1f} MB; routers, predictors, the "
-        "neuron permutation, the threshold kernel's copies of gate and up, and attention "
+        "neuron permutation, the sparse kernels' copies of gate and up, and attention "
         "projections' MLPs beyond the projections they replaced are the difference)"
     )
     out.append(
