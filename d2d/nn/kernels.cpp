@@ -590,6 +590,7 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
   std::vector<float> tmax(nt);
   // per-thread partial sums of gate and up (the transposed path)
   std::vector<float> hbuf(transposed ? nt * f : 0), abuf(transposed && gated ? nt * f : 0);
+  std::vector<float> ybuf(nt * d);  // per-thread partial outputs of the down projection
 #pragma omp parallel num_threads(nt)
   {
 #ifdef _OPENMP
@@ -624,7 +625,38 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
         std::fill(hp, hp + f, 0.f);
         if (gated) std::fill(ap, ap + f, 0.f);
         const int64_t q0 = n_idx * tid / nt, q1 = n_idx * (tid + 1) / nt;
-        for (int64_t q = q0; q < q1; ++q) {
+        int64_t q = q0;
+        for (; q + 4 <= q1; q += 4) {  // four rows at a time: more streams from memory at once
+          const float v0 = xt[idx[q]], v1 = xt[idx[q + 1]], v2 = xt[idx[q + 2]];
+          const float v3 = xt[idx[q + 3]];
+          const float *r0 = Ti + idx[q] * f, *r1 = Ti + idx[q + 1] * f;
+          const float *r2 = Ti + idx[q + 2] * f, *r3 = Ti + idx[q + 3] * f;
+          if (gated) {  // gate's rows in the same pass: eight streams
+            const float *g0 = Tg + idx[q] * f, *g1 = Tg + idx[q + 1] * f;
+            const float *g2 = Tg + idx[q + 2] * f, *g3 = Tg + idx[q + 3] * f;
+#pragma omp simd
+            for (int64_t j = 0; j < f; ++j) {
+              hp[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j];
+              ap[j] += v0 * g0[j] + v1 * g1[j] + v2 * g2[j] + v3 * g3[j];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < f; ++j)
+              hp[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j];
+          }
+        }
+        for (; q + 2 <= q1; q += 2) {  // two rows at a time: more streams from memory at once
+          const float v0 = xt[idx[q]], v1 = xt[idx[q + 1]];
+          const float *r0 = Ti + idx[q] * f, *r1 = Ti + idx[q + 1] * f;
+#pragma omp simd
+          for (int64_t j = 0; j < f; ++j) hp[j] += v0 * r0[j] + v1 * r1[j];
+          if (gated) {
+            const float *g0 = Tg + idx[q] * f, *g1 = Tg + idx[q + 1] * f;
+#pragma omp simd
+            for (int64_t j = 0; j < f; ++j) ap[j] += v0 * g0[j] + v1 * g1[j];
+          }
+        }
+        for (; q < q1; ++q) {
           const int64_t c = idx[q];
           const float v = xt[c];
           const float* ri = Ti + c * f;
@@ -678,26 +710,42 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
             h[j] = a[j] * (dot(Wi + j * d, xk.data(), d) + (BI ? BI[j] : 0.f));
       }
 #pragma omp barrier
-      // 3. down projection of the running experts, this thread's output columns
+      // 3. down projection of the running experts: each thread adds whole rows of its share
+      // of the running neurons (eight at a time: whole rows, often adjacent, keep the memory
+      // streams long and many in flight) into its own partial output; then the partials are
+      // summed per output column range
       sel.clear();
       for (int64_t e = 0; e < E; ++e)
         if (Mt[e])
           for (int64_t j = e * s; j < (e + 1) * s; ++j) sel.push_back(j);
-      float* yr = Y + t * d;
-      for (int64_t c = c0; c < c1; ++c) yr[c] = BO ? BO[c] : 0.f;
-      size_t q = 0;
-      for (; q + 4 <= sel.size(); q += 4) {
-        const int64_t i0 = sel[q], i1 = sel[q + 1], i2 = sel[q + 2], i3 = sel[q + 3];
-        const float h0 = h[i0], h1 = h[i1], h2 = h[i2], h3 = h[i3];
-        const float *w0 = Wo + i0 * d, *w1 = Wo + i1 * d, *w2 = Wo + i2 * d, *w3 = Wo + i3 * d;
+      float* yp = ybuf.data() + tid * d;
+      std::fill(yp, yp + d, 0.f);
+      const size_t s0 = sel.size() * tid / nt, s1 = sel.size() * (tid + 1) / nt;
+      size_t q = s0;
+      for (; q + 8 <= s1; q += 8) {
+        const float* w[8];
+        float hv[8];
+        for (int k = 0; k < 8; ++k) {
+          w[k] = Wo + sel[q + k] * d;
+          hv[k] = h[sel[q + k]];
+        }
 #pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) yr[c] += h0 * w0[c] + h1 * w1[c] + h2 * w2[c] + h3 * w3[c];
+        for (int64_t c = 0; c < d; ++c)
+          yp[c] += hv[0] * w[0][c] + hv[1] * w[1][c] + hv[2] * w[2][c] + hv[3] * w[3][c] +
+                   hv[4] * w[4][c] + hv[5] * w[5][c] + hv[6] * w[6][c] + hv[7] * w[7][c];
       }
-      for (; q < sel.size(); ++q) {
-        const float hv = h[sel[q]];
+      for (; q < s1; ++q) {
+        const float hq = h[sel[q]];
         const float* w = Wo + sel[q] * d;
 #pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) yr[c] += hv * w[c];
+        for (int64_t c = 0; c < d; ++c) yp[c] += hq * w[c];
+      }
+#pragma omp barrier
+      float* yr = Y + t * d;
+      for (int64_t c = c0; c < c1; ++c) {
+        float v = BO ? BO[c] : 0.f;
+        for (int i = 0; i < nt; ++i) v += ybuf[i * d + c];
+        yr[c] = v;
       }
 #pragma omp barrier
     }
