@@ -7,6 +7,13 @@ or 32 neurons on AVX-512), "this checkout" times them (`pairs_in_packed` on the 
 `pairs_out_strips`), as the sparse FFN runs them:
 
     python scripts/pairs_ab.py --rev HEAD~1
+
+With --cold L, instead: a SmolLM2-shaped gated FFN (96 experts of 16) with L layers' worth of
+distinct random weights, a call of each token count swept through all L in turn (as a forward
+pass meets its layers: weights from memory, not cache), the revision's pair kernels against
+this checkout's tiled pre-activations followed by either down-projection kernel, and dense:
+
+    python scripts/pairs_ab.py --rev 193cd88 --cold 30
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", required=True, help="git revision of the kernel to compare with")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cold", type=int, default=0, help="layers of weights to sweep (0: off)")
     a = ap.parse_args()
 
     from torch.utils.cpp_extension import load_inline
@@ -48,6 +56,8 @@ def main() -> None:
     old = load_inline(name=f"d2d_pairs_{a.rev.replace('~', '_')}", cpp_sources=[src], **flags)
     new = kernels.load()
     torch.manual_seed(0)
+    if a.cold:
+        return cold(old, new, a.rev, a.cold, a.rounds)
     print(f"| kernel | d | expert size | experts | tokens | pairs | {a.rev} | this checkout "
           "| speed-up |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -100,6 +110,50 @@ def main() -> None:
             print(f"| {label} | {d} | {s} | {n_exp}{' (gated)' if gated else ''} | {n} | "
                   f"{pairs} | {1e6 * to:.0f} us ({gflop / to:.0f} GFLOP/s) | {1e6 * tn:.0f} us "
                   f"({gflop / tn:.0f} GFLOP/s) | {to / tn:.2f}x |")  # fmt: skip
+
+
+def cold(old, new, rev: str, layers: int, rounds: int) -> None:
+    import statistics
+
+    F = torch.nn.functional
+    d, E, s = 576, 96, 16
+    f = E * s
+    weights = []
+    for _ in range(layers):
+        wi, wg, wo = torch.randn(f, d), torch.randn(f, d), torch.randn(f, d)
+        packed = [w.view(E, s, d).transpose(1, 2).contiguous() for w in (wi, wg)]
+        weights.append((wi, wg, wo, *packed))
+    print(f"| tokens | experts run | {rev}: pair kernels | tiled in, strips out "
+          "| tiled in, pairs_out | dense |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for n, frac in ((1, 0.3), (1, 0.6), (16, 0.3), (128, 0.3), (256, 0.1), (256, 0.3), (512, 0.3)):
+        x = torch.randn(n, d)
+        routes = [new.route(torch.rand(n, E) < frac) for _ in range(layers)]
+
+        def sweep(kind, x=x, routes=routes, n=n):
+            t0 = time.perf_counter()
+            for (wi, wg, wo, pi, pg), (_, tok, pos, off) in zip(weights, routes, strict=True):
+                up, gate = torch.empty(tok.numel(), s), torch.empty(tok.numel(), s)
+                if kind == "pairs":
+                    old.pairs_in(x, wi, wg, tok, pos, off, up, gate, s)
+                    old.pairs_out(up, wo, tok, pos, off, n, s)
+                elif kind == "dense":
+                    F.linear(F.linear(x, wi) * F.linear(x, wg), wo.t())
+                else:
+                    new.pairs_in_packed(x, pi, pg, tok, pos, off, up, gate, s)
+                    out = new.pairs_out_strips if kind == "strips" else new.pairs_out
+                    out(up, wo, tok, pos, off, n, s)
+            return time.perf_counter() - t0
+
+        kinds = ("pairs", "strips", "rows", "dense")
+        times = {k: [] for k in kinds}
+        for r in range(rounds + 2):
+            for k in kinds:
+                dt = sweep(k)
+                if r >= 2:
+                    times[k].append(dt)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"| {n} | {frac:.0%} | " + " | ".join(f"{ms[k]:.2f} ms" for k in kinds) + " |")
 
 
 if __name__ == "__main__":

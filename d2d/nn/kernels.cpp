@@ -408,6 +408,16 @@ bool tiled(int64_t s, int64_t d) {
 #endif
 }
 
+// Whether pairs_out_strips beats pairs_out on a call of n tokens: the strips read each
+// expert's rows in 128-byte pieces, once per strip, which pays where many tokens share the
+// expert and its rows stay in cache; a few tokens (decoding) meet each layer's weights from
+// memory, where whole rows per expert stream better (measured: scripts/pairs_ab.py on hot
+// weights, docs/results.md on cold ones).
+constexpr int64_t kStripMinTokens = 256;
+bool strips_pay(int64_t s, int64_t d_out, int64_t n) {
+  return tiled(s, d_out) && n >= kStripMinTokens;
+}
+
 // pairs_in on the packed copies wp_in / wp_gate [E, d, s] (tiled(s, d) must hold).
 void pairs_in_packed(const Tensor& x, const Tensor& wp_in, const Tensor& wp_gate,
                      const Tensor& tok, const Tensor& pos, const Tensor& off, Tensor& a,
@@ -516,8 +526,9 @@ Tensor ffn_chunk(const Tensor& x, const Tensor& mask, const Tensor& w_in, const 
     case 2: finish([](float v) { return activate(v, 2); }); break;
     default: finish([](float v) { return v > 0.f ? v : 0.f; });
   }
-  Tensor y = tiled(s, w_out.size(1)) ? pairs_out_strips(up, w_out, tok, pos, off, x.size(0), s)
-                  : pairs_out(up, w_out, tok, pos, off, x.size(0), s);
+  Tensor y = strips_pay(s, w_out.size(1), x.size(0))
+                 ? pairs_out_strips(up, w_out, tok, pos, off, x.size(0), s)
+                 : pairs_out(up, w_out, tok, pos, off, x.size(0), s);
   if (b_out.numel()) y.add_(b_out);
   return y;
 }
@@ -791,6 +802,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pairs_in", &pairs_in);
   m.def("pairs_out", &pairs_out);
   m.def("tiled", &tiled);
+  m.def("strips_pay", &strips_pay);
   m.def("router_mask", &router_mask);
   m.def("pairs_in_packed", &pairs_in_packed);
   m.def("pairs_out_strips", &pairs_out_strips);
