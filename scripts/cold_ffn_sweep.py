@@ -3,7 +3,9 @@ layer's weights come from memory, not from cache): its routing against every exp
 interleaved, medians of --reps sweeps. The inputs are each layer's real hidden state at one
 position of a short BBC text.
 
-    python scripts/cold_ffn_sweep.py ARTIFACT [--reps 15] [--position 10]
+    python scripts/cold_ffn_sweep.py ARTIFACT [--reps 15] [--position 10] [--tokens 1]
+
+(--tokens n: n consecutive positions in one call, as a decoding batch of n rows.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main() -> None:
     ap.add_argument("artifact")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--position", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=1)
     a = ap.parse_args()
 
     from d2d.data import load_corpus
@@ -43,7 +46,8 @@ def main() -> None:
         model(input_ids=ids)
     for h in hooks:
         h.remove()
-    xs = [got[i][:, a.position : a.position + 1].contiguous() for i in range(len(layers))]
+    span = slice(a.position, a.position + a.tokens)
+    xs = [got[i][:, span].reshape(a.tokens, 1, -1).contiguous() for i in range(len(layers))]
 
     def sweep() -> float:
         t0 = time.perf_counter()
@@ -60,8 +64,9 @@ def main() -> None:
             with routing(model, ALL):
                 every.append(sweep())
     r, d = statistics.median(routed), statistics.median(every)
-    print(f"{len(layers)} FFN layers, 1 token each, weights from memory: routed {1e3 * r:.2f} ms, "
-          f"every expert {1e3 * d:.2f} ms, routed / every expert {r / d:.2f}")  # fmt: skip
+    print(f"{len(layers)} FFN layers, {a.tokens} token(s) each, weights from memory: "
+          f"routed {1e3 * r:.2f} ms, every expert {1e3 * d:.2f} ms, "
+          f"routed / every expert {r / d:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -499,7 +499,7 @@ def test_threshold_token_limit_from_the_environment():
     import sys
 
     code = "from d2d.nn.moe import MoEFFN; print(MoEFFN.THRESHOLD_MAX_TOKENS)"
-    for value, want in (("", "4"), ("0", "0"), ("2", "2")):
+    for value, want in (("", "3"), ("0", "0"), ("2", "2")):
         env = {**os.environ, "D2D_THRESHOLD_MAX_TOKENS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
         assert out.stdout.decode().strip() == want

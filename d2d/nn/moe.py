@@ -23,7 +23,7 @@ from d2d.nn import kernels
 from d2d.nn.policy import ALL, RoutingPolicy
 
 
-def _env_token_limit(default: int = 4) -> int | str:
+def _env_token_limit(default: int = 3) -> int | str:
     """D2D_THRESHOLD_MAX_TOKENS as a count >= 0, or the bad text (refused where it is used:
     an import cannot raise the one-line error)."""
     v = os.environ.get("D2D_THRESHOLD_MAX_TOKENS", "").strip()
@@ -321,8 +321,9 @@ class MoEFFN(nn.Module):
         return (kernels.sparse_ffn if cpu else kernels.grouped_ffn)(self, x2, mask)
 
     # the threshold kernel reads the weights once per token: above this many tokens in one call
-    # the dense products are faster (d2d bench, docs/results.md); the crossover depends on the
-    # CPU (scripts/threshold_crossover.py measures it): D2D_THRESHOLD_MAX_TOKENS sets it
+    # the dense products are faster (a decoding batch's weights from memory: 0.80 of dense at
+    # 2 tokens, 1.08 at 4, scripts/cold_ffn_sweep.py, docs/results.md); the crossover depends
+    # on the CPU: D2D_THRESHOLD_MAX_TOKENS sets it
     THRESHOLD_MAX_TOKENS = _env_token_limit()
 
     def _threshold_plan(self) -> tuple | None:
