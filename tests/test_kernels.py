@@ -280,6 +280,7 @@ def test_threshold_kernel_equals_masked_on_random_shapes(seed, monkeypatch):
     from d2d.nn.moe import LayerStats
 
     moe, x = _threshold_layer(seed)
+    moe.THRESHOLD_MAX_TOKENS = 4  # the kernel at 1-4 tokens, whatever the default limit
     taken = []
     orig = kernels.threshold_ffn
     monkeypatch.setattr(kernels, "threshold_ffn", lambda *a: taken.append(1) or orig(*a))
