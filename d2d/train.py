@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -100,9 +101,39 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fp: str, result):
+    target = folder / f"step-{step}"
+    try:
+        _write_checkpoint(target, model, optimizer, scheduler, fp, result, step)
+    finally:  # an interrupt during the write or after it still leaves the latest one only
+        with _signals_deferred():
+            keep = latest_checkpoint(folder)
+            for old in folder.glob("step-*"):
+                if old != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait until the block ends (POSIX main thread; elsewhere nothing)."""
+    import signal
+    import threading
+
+    mask = {signal.SIGINT, signal.SIGTERM}
+    block = (
+        hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    )
+    if block:
+        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        yield
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+
+
+def _write_checkpoint(target: Path, model, optimizer, scheduler, fp: str, result, step: int):
     from safetensors.torch import save_model
 
-    target = folder / f"step-{step}"
     with atomic_dir(target, overwrite=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(
@@ -115,9 +146,6 @@ def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, fp: s
         )
         state = {"step": step, "fingerprint": fp, "history": result.history, "evals": result.evals}
         (tmp / "state.json").write_text(json.dumps(state))
-    for old in folder.glob("step-*"):  # keep the latest only
-        if old != target:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(ckpt: Path, model, optimizer, scheduler, fp: str, result: TrainResult):

@@ -457,6 +457,30 @@ def test_sigint_during_training_keeps_only_checkpoints(model_dirs, tmp_path):
     assert len(steps) == 1 and (steps[0] / "state.json").is_file()  # complete, latest only
 
 
+@pytest.mark.parametrize("complete", [True, False])
+def test_interrupt_around_a_checkpoint_keeps_the_latest_complete_one(
+    tmp_path, monkeypatch, complete
+):
+    """A Ctrl-C that lands right after a checkpoint's write (or in the middle of it) still
+    leaves exactly one checkpoint: the latest complete one."""
+    from d2d import train
+
+    folder = tmp_path / "s.checkpoints"
+    (folder / "step-3").mkdir(parents=True)
+    (folder / "step-3" / "state.json").write_text("{}")
+
+    def write(target, *args):
+        target.mkdir()
+        if complete:
+            (target / "state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_write_checkpoint", write)
+    with pytest.raises(KeyboardInterrupt):
+        train._save_checkpoint(folder, 6, None, None, None, "fp", None)
+    assert [p.name for p in folder.iterdir()] == ["step-6" if complete else "step-3"]
+
+
 def test_real_process_errors_are_one_line_exit_2(converted, tmp_path):
     p = _spawn(["-m", "d2d_cli", "eval", str(converted), "--tau", "3"], tmp_path)
     out, err = p.communicate(timeout=120)
