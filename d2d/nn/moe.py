@@ -263,6 +263,8 @@ class MoEFFN(nn.Module):
             p.scores != "router"
             or p.rule not in self._FUSED_RULES
             or r is None
+            or r.fc1.bias is None
+            or r.fc2.bias is None
             or torch.is_autocast_enabled("cpu")
             or not kernels.applies(x, r.fc1.weight, r.fc2.weight)
             or kernels.load() is None
