@@ -656,17 +656,6 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
               hp[j] += v0 * r0[j] + v1 * r1[j] + v2 * r2[j] + v3 * r3[j];
           }
         }
-        for (; q + 2 <= q1; q += 2) {  // two rows at a time: more streams from memory at once
-          const float v0 = xt[idx[q]], v1 = xt[idx[q + 1]];
-          const float *r0 = Ti + idx[q] * f, *r1 = Ti + idx[q + 1] * f;
-#pragma omp simd
-          for (int64_t j = 0; j < f; ++j) hp[j] += v0 * r0[j] + v1 * r1[j];
-          if (gated) {
-            const float *g0 = Tg + idx[q] * f, *g1 = Tg + idx[q + 1] * f;
-#pragma omp simd
-            for (int64_t j = 0; j < f; ++j) ap[j] += v0 * g0[j] + v1 * g1[j];
-          }
-        }
         for (; q < q1; ++q) {
           const int64_t c = idx[q];
           const float v = xt[c];
