@@ -122,13 +122,12 @@ def _signals_deferred():
     block = (
         hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     )
-    if block:
-        signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, mask) if block else None
     try:
         yield
     finally:
-        if block:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+        if block:  # the caller's mask again (signals it had blocked stay blocked)
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _write_checkpoint(target: Path, model, optimizer, scheduler, fp: str, result, step: int):
