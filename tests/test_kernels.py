@@ -181,21 +181,26 @@ def test_other_rules_take_the_sparse_path_too(rule):
         rule = {**rule, "thresholds": {str(i): 0.7 for i in moe_layers(m)}}
     ids = torch.randint(1, 96, (2, 9))
     calls = []
-    orig = kernels.fused_ffn
+    fused, routed = kernels.fused_ffn, kernels.routed_ffn
 
-    def counted(*a):
-        y = orig(*a)
+    def counted_fused(*a):
+        y = fused(*a)
         calls.append(y is not None)
         return y
 
-    kernels.fused_ffn = counted
+    def counted_routed(*a):
+        y, mask = routed(*a)
+        calls.append(y is not None)
+        return y, mask
+
+    kernels.fused_ffn, kernels.routed_ffn = counted_fused, counted_routed
     try:
         with routing(m, rule):
             got = outputs(m, input_ids=ids)
             with execution(m, "masked"):
                 want = outputs(m, input_ids=ids)
     finally:
-        kernels.fused_ffn = orig
+        kernels.fused_ffn, kernels.routed_ffn = fused, routed
     assert any(calls), "the sparse kernel was not used"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -545,3 +550,118 @@ def test_router_kernel_equals_the_modules(rule, n):
     got = kernels.router_mask(moe.router, x, moe._FUSED_RULES[rule], value, sink)
     assert torch.equal(got, want | sink[:, None])
     assert moe._fused_router_mask(x) is None  # autograd on: the modules run
+
+
+def _router_layer(n_experts=12, size=4, gated=False, hidden=16, seed=0):
+    from d2d.nn.moe import Router
+
+    torch.manual_seed(seed)
+    moe = MoEFFN(32, n_experts, size, torch.nn.SiLU(), gated=gated, bias_in=True, bias_out=True)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2)
+    moe.router = Router(32, n_experts, hidden)
+    moe.index = 0
+    return moe
+
+
+def _set_rule(moe, rule, x):
+    """A tau or threshold policy at the median of this input's router scores."""
+    from d2d.nn.policy import RoutingPolicy
+
+    scores = moe.router(x).detach()
+    if rule == "tau":
+        value = float((scores / scores.amax(-1, keepdim=True)).median())
+        moe.policy = RoutingPolicy.of({"rule": "tau", "tau": value, "dense_positions": 1})
+    else:
+        value = float(scores.median())
+        moe.policy = RoutingPolicy.of(
+            {"rule": "threshold", "thresholds": {"0": value}, "dense_positions": 1}
+        )
+    return value
+
+
+@pytest.mark.parametrize("rule", ["tau", "threshold"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("n", [1, 16, 200])
+def test_one_call_router_path_equals_masked(rule, gated, n):
+    """Router, rule and experts in one kernel call (routed_ffn) give the masked reference's
+    output and statistics, the dense sink included; autograd keeps the general path."""
+    from d2d.nn.moe import LayerStats, RoutingContext
+
+    moe = _router_layer(gated=gated, seed=n)
+    x = torch.randn(n, 32)
+    _set_rule(moe, rule, x)
+    # a prompt from position 0 (the sink: every expert), or one decoding step past it
+    start = 0 if n > 1 else 5
+    moe.context = RoutingContext(
+        positions=torch.arange(start, start + n).view(1, n), min_position=start
+    )
+    runs = []
+    orig = kernels.routed_ffn
+
+    def counted(*a):
+        runs.append(1)
+        return orig(*a)
+
+    kernels.routed_ffn = counted
+    try:
+        with torch.no_grad():
+            moe.stats = LayerStats()
+            got = moe(x)
+            got_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
+            moe.execution = "masked"
+            moe.stats = LayerStats()
+            want = moe(x)
+            want_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
+        moe.execution = "sparse"
+        assert len(runs) == 1, "the one-call path was not taken"
+        y = moe(x)  # autograd on: the modules run
+        assert len(runs) == 1 and y.requires_grad
+    finally:
+        kernels.routed_ffn = orig
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_stats[:2] == want_stats[:2] and torch.equal(got_stats[2], want_stats[2])
+    # a prompt's sink token ran every expert, the others not all
+    assert 0 < got_stats[1] < n * moe.n_experts
+
+
+def test_one_call_router_path_falls_back_to_dense_above_the_fraction():
+    moe = _router_layer(seed=3)
+    x = torch.randn(40, 32)
+    moe.SPARSE_MAX_FRACTION = 0.0  # any selection is "too many": the masked dense product
+    _set_rule(moe, "tau", x)
+    with torch.no_grad():
+        rule, value, args = moe._router_plan()
+        y, mask = kernels.routed_ffn(x, rule, value, None, args, 0.0)
+        assert y is None and mask.any()
+        got = moe(x)
+        moe.execution = "masked"
+        want = moe(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_call_router_path_follows_weight_and_policy_changes():
+    moe = _router_layer(seed=4)
+    x = torch.randn(24, 32)
+    _set_rule(moe, "threshold", x)
+
+    def reference():
+        moe.execution = "masked"
+        try:
+            return moe(x)
+        finally:
+            moe.execution = "sparse"
+
+    with torch.no_grad():
+        first = moe(x)
+        plan = moe._router_plan()
+        assert plan is not None and moe._router_plan() is plan  # cached
+        moe.router.fc2.bias.add_(0.5)  # in place: the router's selection changes
+        assert moe._router_plan() is not plan
+        torch.testing.assert_close(moe(x), reference(), rtol=1e-5, atol=1e-5)
+        moe.w_out.mul_(2.0)  # in place: the experts' outputs change
+        torch.testing.assert_close(moe(x), reference(), rtol=1e-5, atol=1e-5)
+        _set_rule(moe, "tau", x)  # a new policy: a new plan
+        assert moe._router_plan()[0] == moe._FUSED_RULES["tau"]
+        torch.testing.assert_close(moe(x), reference(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, moe(x).detach())

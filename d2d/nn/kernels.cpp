@@ -784,6 +784,22 @@ Tensor router_mask(const Tensor& x, const Tensor& w1, const Tensor& b1, const Te
   return mask;
 }
 
+// A routed layer in one call: the learned router's mask (router_mask), then the selected
+// experts (ffn). Returns {y, mask}; y is empty where more than max_pairs pairs are selected
+// (the caller then runs the dense product under the mask).
+std::vector<Tensor> routed_ffn(const Tensor& x, const Tensor& r_w1, const Tensor& r_b1,
+                               const Tensor& r_w2, const Tensor& r_b2, int64_t rule,
+                               double value, const Tensor& sink, const Tensor& w_in,
+                               const Tensor& b_in, const Tensor& w_gate, const Tensor& b_gate,
+                               const Tensor& w_out, const Tensor& b_out, const Tensor& wp_in,
+                               const Tensor& wp_gate, int64_t s, int64_t act, double max_fraction) {
+  Tensor mask = router_mask(x, r_w1, r_b1, r_w2, r_b2, rule, value, sink);
+  const int64_t max_pairs = (int64_t)(max_fraction * (double)mask.numel());
+  Tensor y = ffn(x, mask, w_in, b_in, w_gate, b_gate, w_out, b_out, wp_in, wp_gate, s, act,
+                 max_pairs);
+  return {y, mask};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ffn", &ffn);
   m.def("threshold_ffn", &threshold_ffn);
@@ -793,6 +809,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tiled", &tiled);
   m.def("strips_pay", &strips_pay);
   m.def("router_mask", &router_mask);
+  m.def("routed_ffn", &routed_ffn);
   m.def("pairs_in_packed", &pairs_in_packed);
   m.def("pairs_out_strips", &pairs_out_strips);
 }

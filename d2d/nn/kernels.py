@@ -194,6 +194,41 @@ def router_mask(router, x: torch.Tensor, rule: int, value: float, sink) -> torch
     )
 
 
+def routed_args(moe) -> tuple:
+    """The weight arguments of `routed_ffn` for one layer (its router's, its experts' and the
+    tiled kernels' packed copies), built once per policy and weight version
+    (d2d.nn.moe.MoEFFN._router_plan)."""
+    r = moe.router
+    wp_in, wp_gate = packed(moe, moe.d_model)
+    return (
+        r.fc1.weight,
+        r.fc1.bias,
+        r.fc2.weight,
+        r.fc2.bias,
+        moe.w_in,
+        _EMPTY if moe.b_in is None else moe.b_in,
+        moe.w_gate if moe.gated else _EMPTY,
+        _EMPTY if moe.b_gate is None else moe.b_gate,
+        moe.w_out,
+        _EMPTY if moe.b_out is None else moe.b_out,
+        wp_in,
+        wp_gate,
+        moe.expert_size,
+        act_code(moe.act),
+    )
+
+
+def routed_ffn(x: torch.Tensor, rule: int, value: float, sink, args: tuple, max_fraction: float):
+    """A layer's learned router, its rule (0: tau, 1: threshold) and its selected experts in
+    one kernel call; `args` from routed_args, `sink`: [N] tokens that run every expert, or None.
+    Returns (y [N, d_out] or None above `max_fraction` of the pairs, mask [N, E])."""
+    sink = _EMPTY if sink is None else sink.contiguous()
+    y, mask = _module.routed_ffn(
+        x.contiguous(), *args[:4], rule, value, sink, *args[4:], max_fraction
+    )
+    return (y if y.numel() or x.shape[0] == 0 else None), mask
+
+
 # what each kind of exact score is called by threshold_ffn
 SCORE_CODES = {"activation": 0, "magnitude": 1, "gate": 2}
 

@@ -131,7 +131,9 @@ class MoEFFN(nn.Module):
         # versions (rebuilt after training changes them; not saved)
         self._derived: dict[str, tuple[tuple, object]] = {}
         # (policy, index and weight versions, plan) of the threshold kernel (_threshold_plan)
+        # and of the one-call router path (_router_plan)
         self._plan: tuple | None = None
+        self._rplan: tuple | None = None
 
     @property
     def gated(self) -> bool:
@@ -290,6 +292,64 @@ class MoEFFN(nn.Module):
             and pos.numel() == n
         )
 
+    def _router_plan(self) -> tuple | None:
+        """(rule code, value, the kernel's arguments) where this layer's learned router, its
+        rule and its selected experts run in one kernel call (kernels.routed_ffn): router
+        scores under a tau or threshold rule that can skip an expert, no input threshold, fp32
+        contiguous CPU weights, biases on the router, an activation the kernel computes, the
+        kernels built. Cached per policy, index, router and weight version, so that a call pays
+        a lookup, not these checks (the fixed cost that dominates at few tokens)."""
+        p, r = self.policy, self.router
+        weights = [self.w_in, self.b_in, self.w_gate, self.b_gate, self.w_out, self.b_out]
+        if r is not None:
+            weights += [r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias]
+        key = (self.index, id(r), *((w.data_ptr(), w._version) for w in weights if w is not None))
+        hit = self._rplan
+        if hit is not None and hit[0] is p and hit[1] == key:
+            return hit[2]
+        ok = (
+            p.scores == "router"
+            and p.rule in self._FUSED_RULES
+            and r is not None
+            and r.fc1.bias is not None
+            and r.fc2.bias is not None
+            and self.routes()
+            and p.input_threshold(self.index) == 0
+            and all(
+                w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                for w in weights
+                if w is not None
+            )
+            and kernels.act_code(self.act) >= 0
+            and kernels.load() is not None
+        )
+        plan = None
+        if ok:
+            rule, value = self._FUSED_RULES[p.rule], float(p.value_at(self.index))
+            plan = (rule, value, kernels.routed_args(self))
+        self._rplan = (p, key, plan)
+        return plan
+
+    def _router_run(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The one-call router path (_router_plan) on this call, or None where it does not
+        apply (then forward takes the general path)."""
+        if not (x2.dtype == torch.float32 and x2.device.type == "cpu" and self._fast_inference(x2)):
+            return None
+        plan = self._router_plan()
+        if plan is None:
+            return None
+        n = x2.shape[0]
+        sink = self._sink_rows(n) if self._may_sink(n) else None
+        rule, value, args = plan
+        y, mask = kernels.routed_ffn(x2, rule, value, sink, args, self.SPARSE_MAX_FRACTION)
+        if self.stats is not None:
+            self._record(mask, n, None)
+        if y is None:  # too many experts selected: the dense product under the mask is faster
+            E, s = self.n_experts, self.expert_size
+            h = (self.hidden(x2).view(-1, E, s) * mask.unsqueeze(-1)).view(-1, E * s)
+            y = self.down(h)
+        return y
+
     # above this executed fraction the dense product beats the sparse kernel
     SPARSE_MAX_FRACTION = 0.8
 
@@ -417,6 +477,9 @@ class MoEFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        y = self._router_run(x2)
+        if y is not None:
+            return y.view(*shape[:-1], self.d_out)
         if self._threshold_ok(x2):
             return self._threshold_run(x2).view(*shape[:-1], self.d_out)
         if self._dense_call(x2):  # counted as what it runs: every expert, the whole input
