@@ -522,6 +522,14 @@ def test_threshold_token_limit_from_the_environment():
             moe(x)
 
 
+def between(values: torch.Tensor) -> float:
+    """A value halfway between the two middle distinct values: a rule's threshold that no score
+    lies on (a score exactly at a threshold tests rounding, not the rule)."""
+    v = values.flatten().unique()  # sorted
+    i = max(1, v.numel() // 2)
+    return float((v[i - 1] + v[i]) / 2)
+
+
 @pytest.mark.parametrize("rule", ["tau", "threshold"])
 @pytest.mark.parametrize("n", [1, 3, 64])
 def test_router_kernel_equals_the_modules(rule, n):
@@ -536,7 +544,7 @@ def test_router_kernel_equals_the_modules(rule, n):
     x = torch.randn(n, 32)
     scores = moe.router(x).detach()
     ratio = scores / scores.amax(-1, keepdim=True)
-    value = float(ratio.median()) if rule == "tau" else float(scores.median())
+    value = between(ratio if rule == "tau" else scores)
     key = "tau" if rule == "tau" else "thresholds"
     moe.policy = RoutingPolicy.of({"rule": rule, key: value if rule == "tau" else {"0": value}})
     moe.index = 0
@@ -570,10 +578,10 @@ def _set_rule(moe, rule, x):
 
     scores = moe.router(x).detach()
     if rule == "tau":
-        value = float((scores / scores.amax(-1, keepdim=True)).median())
+        value = between(scores / scores.amax(-1, keepdim=True))
         moe.policy = RoutingPolicy.of({"rule": "tau", "tau": value, "dense_positions": 1})
     else:
-        value = float(scores.median())
+        value = between(scores)
         moe.policy = RoutingPolicy.of(
             {"rule": "threshold", "thresholds": {"0": value}, "dense_positions": 1}
         )
@@ -665,3 +673,30 @@ def test_one_call_router_path_follows_weight_and_policy_changes():
         assert moe._router_plan()[0] == moe._FUSED_RULES["tau"]
         torch.testing.assert_close(moe(x), reference(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, moe(x).detach())
+
+
+@pytest.mark.parametrize("rule", ["tau", "threshold"])
+@pytest.mark.parametrize("shift", [-60.0, 0.0, 30.0])
+def test_router_kernel_compares_logits_like_the_scores(rule, shift):
+    """The kernel compares logits against the inverse softplus of each threshold: the same
+    selection as the scores' comparison, where softplus is flat (very negative logits) or the
+    identity (beyond 20), and the best expert always runs, tau = 1 included."""
+    from d2d.nn.moe import Router
+
+    torch.manual_seed(7)
+    router = Router(16, 10, 8)
+    with torch.no_grad():
+        router.fc2.weight.mul_(8.0)
+        router.fc2.bias.add_(shift)
+    x = torch.randn(33, 16)
+    with torch.no_grad():
+        scores = router(x)
+    from d2d.nn.policy import rule_mask
+
+    ratio = scores / scores.amax(-1, keepdim=True)
+    values = [between(ratio), 1.0] if rule == "tau" else [between(scores), 1e6]
+    for value in values:
+        with torch.no_grad():
+            got = kernels.router_mask(router, x, 0 if rule == "tau" else 1, value, None)
+        assert torch.equal(got, rule_mask(rule, scores, value)), value
+        assert got.any(-1).all()

@@ -754,32 +754,42 @@ Tensor threshold_ffn(const Tensor& x, double t_in, double t_h, int64_t kind, con
 }
 
 // The learned router and its rule in one call (what a layer pays per call beside its experts):
-// scores = softplus(fc2(relu(fc1(x)))) with the same ATen products as the module, then
+// scores = softplus(z), z = fc2(relu(fc1(x))) with the same ATen products as the module, then
 //   rule 0 (tau):       expert e runs iff s_e >= tau x the token's largest score
 //   rule 1 (threshold): iff s_e >= min(value, the token's largest score)
 // and every expert of a token in the dense sink (sink[t], when given). Returns the [N, E] mask.
+// softplus is increasing, so each comparison is made on the logits z against the inverse
+// softplus of the token's threshold, log(expm1(t)): two transcendental calls per token instead
+// of one per score (the same selection up to rounding where a score equals its threshold).
+static inline float softplus(float z) { return z > 20.f ? z : std::log1p(std::exp(z)); }
+static inline float softplus_inverse(float t) {
+  return t > 20.f ? t : t > 0.f ? std::log(std::expm1(t)) : -INFINITY;
+}
+
 Tensor router_mask(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2,
                    const Tensor& b2, int64_t rule, double value, const Tensor& sink) {
   Tensor h = at::addmm(b1, x, w1.t());
   h.clamp_min_(0);
-  const Tensor s = at::softplus(at::addmm(b2, h, w2.t())).contiguous();
-  const int64_t N = s.size(0), E = s.size(1);
+  const Tensor z = at::addmm(b2, h, w2.t()).contiguous();
+  const int64_t N = z.size(0), E = z.size(1);
   Tensor mask = torch::empty({N, E}, x.options().dtype(torch::kBool));
-  const float* S = s.data_ptr<float>();
+  const float* Z = z.data_ptr<float>();
   bool* M = mask.data_ptr<bool>();
   const bool* K = sink.numel() ? sink.data_ptr<bool>() : nullptr;
-  const float v = (float)value;
+  const float v = (float)value, zv = softplus_inverse(v);
   for (int64_t t = 0; t < N; ++t) {
-    const float* st = S + t * E;
+    const float* zt = Z + t * E;
     bool* mt = M + t * E;
     if (K && K[t]) {
       std::fill(mt, mt + E, true);
       continue;
     }
-    float mx = st[0];
-    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, st[e]);
-    const float thr = rule == 0 ? v * mx : std::min(v, mx);
-    for (int64_t e = 0; e < E; ++e) mt[e] = st[e] >= thr;
+    float mx = zt[0];
+    for (int64_t e = 1; e < E; ++e) mx = std::max(mx, zt[e]);
+    // tau <= 1: the token's best expert passes in exact arithmetic, so the threshold is
+    // capped at its logit (rounding in the round trip must not drop it)
+    const float thr = std::min(rule == 0 ? softplus_inverse(v * softplus(mx)) : zv, mx);
+    for (int64_t e = 0; e < E; ++e) mt[e] = zt[e] >= thr;
   }
   return mask;
 }
