@@ -75,6 +75,73 @@ def test_choose_skips_points_that_pass_between_failing_neighbours():
     assert choose(rows, CalibrateConfig(max_quality_drop=0.01)) == 2
 
 
+def test_paired_drop_against_hand_computation():
+    import torch
+
+    from d2d.measure.evaluate import paired_drop
+
+    label = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    dense = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])  # 7 of 8 right
+    pred = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])  # loses 2 and 5, gains 7: 6 of 8 right
+    changed, se = paired_drop(pred, dense, label)
+    assert changed == 3 / 8
+    # per example dense-correct minus correct: 0 0 1 0 0 1 0 -1; mean 1/8, mean of squares 3/8
+    var = 3 / 8 - (1 / 8) ** 2
+    assert se == pytest.approx((var / 8) ** 0.5 / (7 / 8))
+    assert paired_drop(dense, dense, label) == (0.0, 0.0)
+
+
+def test_choose_keeps_a_classifier_drop_within_the_limit_by_its_standard_error():
+    """A point whose measured drop passes while its noise (changed predictions, paired against
+    the dense model) could hide a larger one is not taken at --confidence 1; at 0 it is."""
+    rows = [
+        {"rule": "dense", "ffn_fraction": 1.0, "drop": 0.0, "drop_se": 0.0},
+        {"rule": "global tau 0.05", "ffn_fraction": 0.4, "drop": -0.005, "drop_se": 0.005},
+        {"rule": "global tau 0.1", "ffn_fraction": 0.2, "drop": 0.0, "drop_se": 0.012},
+    ]
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01)) == 1
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01, confidence=0)) == 2
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01, confidence=0.5)) == 2
+    with pytest.raises(D2DError, match="confidence must be >= 0"):
+        CalibrateConfig(confidence=-1)
+
+
+def test_evaluator_pairs_a_classifier_with_its_dense_predictions():
+    """The evaluator counts changed predictions against the same model with every expert, and
+    the dense model itself has none."""
+    import torch
+
+    from d2d.measure.evaluate import Evaluator, forward, paired_drop
+    from d2d.nn.policy import ALL
+    from d2d.nn.routing import routing
+    from d2d.stages import ConvertConfig, convert
+
+    m = tiny("bert-cls", seed=0)
+    convert(m, ConvertConfig(n_experts=8))
+    torch.manual_seed(1)
+    ev = Evaluator.__new__(Evaluator)  # batches made here: no corpus or tokenizer needed
+    ev.task, ev.metric, ev.bf16, ev.seq_len = "classification", "accuracy", False, 12
+    ev._reference, ev._dense_pred = None, None
+    ev.batches = [
+        {
+            "input_ids": torch.randint(1, 96, (16, 12)),
+            "attention_mask": torch.ones(16, 12, dtype=torch.long),
+            "labels_": torch.randint(0, 3, (16,)),
+        }
+        for _ in range(3)
+    ]
+    ev.tokens = 3 * 16 * 12
+    dense = ev.measure(m, ALL)
+    assert dense.changed == 0.0 and dense.drop_se == 0.0
+    pol = {"rule": "topk", "fraction": 0.125, "scores": "oracle"}
+    got = ev.measure(m, pol)
+    with routing(m, pol):
+        pred = torch.cat([forward(m, b, False).logits.argmax(-1) for b in ev.batches])
+    label = torch.cat([b["labels_"] for b in ev.batches])
+    assert got.changed > 0  # one expert of eight changes some of 48 predictions
+    assert (got.changed, got.drop_se) == paired_drop(pred, ev.dense_predictions(m), label)
+
+
 def test_batches_shrink_with_a_large_vocabulary():
     """Logits (and calibration's softmax and gradient of them) grow with the vocabulary: a
     262k-token vocabulary evaluates 512 tokens a batch, SmolLM2's 49k the usual 2,048."""

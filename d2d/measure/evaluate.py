@@ -91,6 +91,19 @@ def quality_drop(metric: str, q: float, q_dense: float) -> float:
     return q / q_dense - 1.0
 
 
+def paired_drop(pred: torch.Tensor, dense: torch.Tensor, label: torch.Tensor) -> tuple:
+    """(share of examples whose prediction changed, standard error of the relative accuracy
+    drop) of predictions against the dense model's on the same examples. Per example the
+    difference dense-correct minus correct is -1, 0 or 1; the drop's noise is that of their mean
+    (the examples being independent), relative to the dense accuracy as quality_drop is."""
+    d = (dense == label).double() - (pred == label).double()
+    n = max(1, d.numel())
+    acc = float((dense == label).double().mean()) if d.numel() else 0.0
+    var = float((d * d).mean() - d.mean() ** 2) if d.numel() else 0.0
+    se = math.sqrt(max(var, 0.0) / n) / max(acc, 1e-12)
+    return float((pred != dense).double().mean()) if d.numel() else 0.0, se
+
+
 @dataclass
 class Measurement:
     quality: float
@@ -103,6 +116,11 @@ class Measurement:
     # with attention projections converted to experts: the FLOPs of every MoE layer (FFNs and
     # projections) as a fraction of the same layers with every expert run; else None
     routed_fraction: float | None = None
+    # classifiers: the share of examples whose prediction differs from the dense model's, and
+    # the standard error of the accuracy difference to it, paired per example (None for other
+    # tasks): how far the measured drop may lie from the drop on other text of the same kind
+    changed: float | None = None
+    drop_se: float | None = None
 
 
 class Evaluator:
@@ -131,6 +149,7 @@ class Evaluator:
         self.bf16 = bf16
         self.tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
         self._reference: list[torch.Tensor] | None = None
+        self._dense_pred: torch.Tensor | None = None  # classifiers: labels, every expert run
 
     @classmethod
     def of(cls, model, tokenizer, cfg, split: str, tokens: int | None = None) -> Evaluator:
@@ -164,6 +183,15 @@ class Evaluator:
                 ]
         return self._reference
 
+    def dense_predictions(self, model) -> torch.Tensor:
+        """A classifier's predicted labels with every expert run, per example (cached)."""
+        if self._dense_pred is None:
+            with routing(model, ALL), torch.no_grad():
+                self._dense_pred = torch.cat(
+                    [self._forward(model, b).logits.argmax(-1).cpu() for b in self.batches]
+                )
+        return self._dense_pred
+
     def measure(
         self,
         model,
@@ -173,6 +201,7 @@ class Evaluator:
     ) -> Measurement:
         ref = self.reference(model) if self.task == "encoder" else None
         nll, count, correct, cos = 0.0, 0, 0, 0.0
+        preds, labels = [], []
         with routing(model, policy), collecting(model) as stats, mod_stats(model) as dstats:
             for j, b in enumerate(self.batches):
                 out = self._forward(model, b)
@@ -186,7 +215,9 @@ class Evaluator:
                     )
                     count += tgt.numel()
                 elif self.task == "classification":
-                    correct += int((out.logits.argmax(-1).cpu() == b["labels_"]).sum())
+                    preds.append(out.logits.argmax(-1).cpu())
+                    labels.append(b["labels_"])
+                    correct += int((preds[-1] == labels[-1]).sum())
                     count += len(b["labels_"])
                 else:
                     p = self.pooled(out, b["attention_mask"])
@@ -198,6 +229,10 @@ class Evaluator:
             q = math.exp(nll / count)
         elif self.task == "classification":
             q = correct / count
+            pred, label = torch.cat(preds), torch.cat(labels)
+            if self._dense_pred is None and RoutingPolicy.of(policy).dense:
+                self._dense_pred = pred  # this was the dense model: no second pass
+            flops.changed, flops.drop_se = paired_drop(pred, self.dense_predictions(model), label)
         else:
             q = cos / count
         flops.quality = q
