@@ -333,6 +333,8 @@ class MoEFFN(nn.Module):
     def _router_run(self, x2: torch.Tensor) -> torch.Tensor | None:
         """The one-call router path (_router_plan) on this call, or None where it does not
         apply (then forward takes the general path)."""
+        if self.router is None or self.policy.scores != "router":  # before any other test
+            return None
         if not (x2.dtype == torch.float32 and x2.device.type == "cpu" and self._fast_inference(x2)):
             return None
         plan = self._router_plan()
@@ -345,10 +347,15 @@ class MoEFFN(nn.Module):
         if self.stats is not None:
             self._record(mask, n, None)
         if y is None:  # too many experts selected: the dense product under the mask is faster
-            E, s = self.n_experts, self.expert_size
-            h = (self.hidden(x2).view(-1, E, s) * mask.unsqueeze(-1)).view(-1, E * s)
-            y = self.down(h)
+            y = self.down(self._masked(self.hidden(x2), mask))
         return y
+
+    def _masked(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Activations [N, f] with the unselected experts' zeroed: a product with the mask, a
+        quarter of masked_fill's time on the CPU (the unselected experts' activations are
+        finite, so both give the same zeros)."""
+        E, s = self.n_experts, self.expert_size
+        return (h.view(-1, E, s) * mask.unsqueeze(-1)).view(-1, E * s)
 
     # above this executed fraction the dense product beats the sparse kernel
     SPARSE_MAX_FRACTION = 0.8
@@ -506,10 +513,7 @@ class MoEFFN(nn.Module):
                 return y.view(*shape[:-1], self.d_out)
             h = self.hidden(x2)
         if mask is not None:
-            E, s = self.n_experts, self.expert_size
-            # a product with the mask: a quarter of masked_fill's time on the CPU (the unselected
-            # experts' activations are finite, so both give the same zeros)
-            h = (h.view(-1, E, s) * mask.unsqueeze(-1)).view(-1, E * s)
+            h = self._masked(h, mask)
         y = self.down(h)
         return y.view(*shape[:-1], self.d_out)
 
