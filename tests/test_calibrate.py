@@ -83,27 +83,27 @@ def test_paired_drop_against_hand_computation():
     label = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     dense = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])  # 7 of 8 right
     pred = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])  # loses 2 and 5, gains 7: 6 of 8 right
-    changed, se = paired_drop(pred, dense, label)
+    changed, broken, se = paired_drop(pred, dense, label)
     assert changed == 3 / 8
+    assert broken == pytest.approx((2 / 8) / (7 / 8))  # 2 of the dense model's 7 right answers
     # per example dense-correct minus correct: 0 0 1 0 0 1 0 -1; mean 1/8, mean of squares 3/8
     var = 3 / 8 - (1 / 8) ** 2
     assert se == pytest.approx((var / 8) ** 0.5 / (7 / 8))
-    assert paired_drop(dense, dense, label) == (0.0, 0.0)
+    assert paired_drop(dense, dense, label) == (0.0, 0.0, 0.0)
 
 
-def test_choose_keeps_a_classifier_drop_within_the_limit_by_its_standard_error():
-    """A point whose measured drop passes while its noise (changed predictions, paired against
-    the dense model) could hide a larger one is not taken at --confidence 1; at 0 it is."""
+def test_choose_does_not_let_gains_pay_for_broken_answers():
+    """A classifier's point whose net drop passes because it gained on examples the dense model
+    got wrong, while it broke more right answers than the limit allows, is not taken; with
+    --count-gains the net drop decides."""
     rows = [
-        {"rule": "dense", "ffn_fraction": 1.0, "drop": 0.0, "drop_se": 0.0},
-        {"rule": "global tau 0.05", "ffn_fraction": 0.4, "drop": -0.005, "drop_se": 0.005},
-        {"rule": "global tau 0.1", "ffn_fraction": 0.2, "drop": 0.0, "drop_se": 0.012},
+        {"rule": "dense", "ffn_fraction": 1.0, "drop": 0.0, "broken": 0.0},
+        {"rule": "global tau 0.05", "ffn_fraction": 0.4, "drop": -0.005, "broken": 0.005},
+        {"rule": "global tau 0.1", "ffn_fraction": 0.2, "drop": 0.0, "broken": 0.015},
     ]
     assert choose(rows, CalibrateConfig(max_quality_drop=0.01)) == 1
-    assert choose(rows, CalibrateConfig(max_quality_drop=0.01, confidence=0)) == 2
-    assert choose(rows, CalibrateConfig(max_quality_drop=0.01, confidence=0.5)) == 2
-    with pytest.raises(D2DError, match="confidence must be >= 0"):
-        CalibrateConfig(confidence=-1)
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.01, count_gains=True)) == 2
+    assert choose(rows, CalibrateConfig(max_quality_drop=0.02)) == 2
 
 
 def test_evaluator_pairs_a_classifier_with_its_dense_predictions():
@@ -132,14 +132,16 @@ def test_evaluator_pairs_a_classifier_with_its_dense_predictions():
     ]
     ev.tokens = 3 * 16 * 12
     dense = ev.measure(m, ALL)
-    assert dense.changed == 0.0 and dense.drop_se == 0.0
+    assert dense.changed == 0.0 and dense.broken == 0.0 and dense.drop_se == 0.0
     pol = {"rule": "topk", "fraction": 0.125, "scores": "oracle"}
     got = ev.measure(m, pol)
     with routing(m, pol):
         pred = torch.cat([forward(m, b, False).logits.argmax(-1) for b in ev.batches])
     label = torch.cat([b["labels_"] for b in ev.batches])
     assert got.changed > 0  # one expert of eight changes some of 48 predictions
-    assert (got.changed, got.drop_se) == paired_drop(pred, ev.dense_predictions(m), label)
+    assert (got.changed, got.broken, got.drop_se) == paired_drop(
+        pred, ev.dense_predictions(m), label
+    )
 
 
 def test_batches_shrink_with_a_large_vocabulary():

@@ -92,16 +92,20 @@ def quality_drop(metric: str, q: float, q_dense: float) -> float:
 
 
 def paired_drop(pred: torch.Tensor, dense: torch.Tensor, label: torch.Tensor) -> tuple:
-    """(share of examples whose prediction changed, standard error of the relative accuracy
-    drop) of predictions against the dense model's on the same examples. Per example the
-    difference dense-correct minus correct is -1, 0 or 1; the drop's noise is that of their mean
-    (the examples being independent), relative to the dense accuracy as quality_drop is."""
-    d = (dense == label).double() - (pred == label).double()
-    n = max(1, d.numel())
-    acc = float((dense == label).double().mean()) if d.numel() else 0.0
-    var = float((d * d).mean() - d.mean() ** 2) if d.numel() else 0.0
-    se = math.sqrt(max(var, 0.0) / n) / max(acc, 1e-12)
-    return float((pred != dense).double().mean()) if d.numel() else 0.0, se
+    """Predictions against the dense model's on the same examples: (the share that changed,
+    the share of the dense model's right answers they break, the standard error of the
+    relative accuracy drop). Per example the difference dense-correct minus correct is -1, 0 or
+    1; the drop's noise is that of their mean (the examples being independent), relative to
+    the dense accuracy as quality_drop is. A break is a loss no gain elsewhere offsets: gains
+    happen only where the dense model is wrong, which is rarer on text it classifies better."""
+    if not pred.numel():
+        return 0.0, 0.0, 0.0
+    right, now = (dense == label).double(), (pred == label).double()
+    d = right - now
+    acc = max(float(right.mean()), 1e-12)
+    var = max(float((d * d).mean() - d.mean() ** 2), 0.0)
+    broken = float((right * (1 - now)).mean()) / acc
+    return float((pred != dense).double().mean()), broken, math.sqrt(var / d.numel()) / acc
 
 
 @dataclass
@@ -116,10 +120,11 @@ class Measurement:
     # with attention projections converted to experts: the FLOPs of every MoE layer (FFNs and
     # projections) as a fraction of the same layers with every expert run; else None
     routed_fraction: float | None = None
-    # classifiers: the share of examples whose prediction differs from the dense model's, and
-    # the standard error of the accuracy difference to it, paired per example (None for other
-    # tasks): how far the measured drop may lie from the drop on other text of the same kind
+    # classifiers, paired per example with the dense model (None for other tasks;
+    # paired_drop): the share of predictions that changed, the share of the dense model's right
+    # answers lost, and the standard error of the accuracy drop
     changed: float | None = None
+    broken: float | None = None
     drop_se: float | None = None
 
 
@@ -232,7 +237,8 @@ class Evaluator:
             pred, label = torch.cat(preds), torch.cat(labels)
             if self._dense_pred is None and RoutingPolicy.of(policy).dense:
                 self._dense_pred = pred  # this was the dense model: no second pass
-            flops.changed, flops.drop_se = paired_drop(pred, self.dense_predictions(model), label)
+            paired = paired_drop(pred, self.dense_predictions(model), label)
+            flops.changed, flops.broken, flops.drop_se = paired
         else:
             q = cos / count
         flops.quality = q

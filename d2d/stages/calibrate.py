@@ -23,9 +23,6 @@ from d2d.stages.base import SampleFields, Stage, Table, change, pct
 DEFAULT_TAUS = "0,0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2,0.3,0.5,1"
 DEFAULT_BUDGETS = "0.95,0.9,0.85,0.8,0.7,0.6,0.5,0.4,0.3,0.2"
 DEFAULT_MAX_DROP = 0.02
-# standard errors of a classifier's paired accuracy drop that --max-quality-drop keeps under
-# the limit (d2d.measure.evaluate.paired_drop)
-DEFAULT_CONFIDENCE = 1.0
 # a per-layer allocation for budget b measures within about a point of b: --target-flops t
 # accepts measured points up to t + TARGET_SLACK
 TARGET_SLACK = 0.01
@@ -74,13 +71,13 @@ class CalibrateConfig(SampleFields):
             f"Default when no target is given: {DEFAULT_MAX_DROP:g}."
         },
     )
-    confidence: float = field(
-        default=DEFAULT_CONFIDENCE,
+    count_gains: bool = field(
+        default=False,
         metadata={
-            "help": "With --max-quality-drop on a classifier: a point passes when its drop plus "
-            "this many standard errors of it (paired per example against the dense model) is "
-            "within the limit, so that a drop the calibration split's few examples hide is not "
-            "taken. 0: the measured drop alone."
+            "help": "With --max-quality-drop on a classifier: let examples the routing gets "
+            "right where the dense model was wrong offset the ones it breaks (the net accuracy "
+            "drop). Default: the drop is the share of the dense model's right answers broken, "
+            "so that lucky gains on a small calibration split do not pay for real losses."
         },
     )
     per_layer: bool = field(
@@ -123,8 +120,6 @@ class CalibrateConfig(SampleFields):
         parse_budgets(self.budgets)
         if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
             raise D2DError(f"target-flops must be in (0, 1], got {self.target_flops}")
-        if not self.confidence >= 0:
-            raise D2DError(f"confidence must be >= 0 standard errors, got {self.confidence}")
         if self.max_quality_drop is not None and self.max_quality_drop < 0:
             raise D2DError(f"max-quality-drop must be >= 0, got {self.max_quality_drop}")
         if self.target_flops is not None and self.max_quality_drop is not None:
@@ -148,8 +143,8 @@ def _row(rule: str, policy: dict, m, dense_q: float, metric: str) -> dict:
     }
     if m.routed_fraction is not None:
         row["routed_fraction"] = m.routed_fraction
-    if m.drop_se is not None:
-        row["changed"], row["drop_se"] = m.changed, m.drop_se
+    if m.broken is not None:
+        row.update(changed=m.changed, broken=m.broken, drop_se=m.drop_se)
     return row
 
 
@@ -162,7 +157,7 @@ def budget_fraction(row: dict) -> float:
 def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
     """The chosen row: best quality within --target-flops, else fewest FLOPs within the drop
     (with every point of the same rule that runs more FLOPs within it too; a classifier's drop
-    counted with --confidence standard errors on top)."""
+    counted as the share of the dense model's right answers it breaks, unless --count-gains)."""
     if cfg.target_flops is not None:
         limit = cfg.target_flops + TARGET_SLACK
         ok = [j for j, r in enumerate(rows) if budget_fraction(r) <= limit]
@@ -176,7 +171,7 @@ def choose(rows: list[dict], cfg: CalibrateConfig) -> int:
 
     def within(r) -> bool:  # it, and every point of its rule that runs more FLOPs
         return all(
-            q["drop"] + cfg.confidence * q.get("drop_se", 0.0) <= limit
+            (q["drop"] if cfg.count_gains else q.get("broken", q["drop"])) <= limit
             for q in rows
             if _family(q) == _family(r) and budget_fraction(q) >= budget_fraction(r)
         )
@@ -409,10 +404,11 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
     from d2d.nn.policy import row_label
 
     routed = any("routed_fraction" in r for r in cal["rows"])  # projections converted
+    paired = any("broken" in r for r in cal["rows"])  # a classifier: changes against dense
     t = Table(
         f"{title}; FLOPs as a fraction of dense",
         ["", "routing", "FFN", *(["converted layers"] if routed else []), "model"]
-        + [cal["metric"], "change"],
+        + [cal["metric"], "change", *(["broken"] if paired else [])],
         left=("", "routing"),
     )
     for j, r in enumerate(cal["rows"]):
@@ -425,6 +421,7 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
             pct(r["model_fraction"]),
             f"{r['quality']:.4g}",
             change(r["drop"]) + (f" ±{100 * r['drop_se']:.1f}" if r.get("drop_se") else ""),
+            *([pct(r.get("broken", 0.0))] if paired else []),
             style="chosen" if chosen else None,
         )
     return t
