@@ -121,6 +121,8 @@ def test_classification_adds_a_head_and_chains_into_convert(model_dirs, text_dir
     ev = run_stage("eval", str(tmp_path / "r"), EvalConfig(data=text_dir, tau=0.0, **_ev()))
     assert ev["metrics"]["rows"][0]["metric"] == "accuracy"
     assert ev["metrics"]["rows"][1]["quality"] == pytest.approx(m["quality_after"], abs=0.1)
+    # tau 0 runs every expert: no prediction changes against the dense model
+    assert ev["metrics"]["rows"][1]["changed"] == ev["metrics"]["rows"][1]["broken"] == 0.0
     with pytest.raises(D2DError, match="before convert"):
         run_stage("sparsify", str(tmp_path / "c"), cfg, tmp_path / "again")
 

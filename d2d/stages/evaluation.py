@@ -142,6 +142,11 @@ def run(art, cfg: EvalConfig, progress):
                 "layer_fractions": m.layer_fractions,
                 **({"depth": m.depth} if m.depth else {}),
                 **({} if m.routed_fraction is None else {"routed_fraction": m.routed_fraction}),
+                **(
+                    {}
+                    if m.broken is None
+                    else {"changed": m.changed, "broken": m.broken, "drop_se": m.drop_se}
+                ),
             }
         )
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
@@ -350,7 +355,9 @@ def view(record: dict) -> list:
         routing.append(f"MoD capacity {mod['capacity']:g}, skipping {what}")
     depth = any("depth" in r for r in m["rows"])
     routed = any("routed_fraction" in r for r in m["rows"])  # attention projections converted
-    cols = ["model", m["rows"][0]["metric"], "change", "FFN FLOPs"]
+    paired = any("broken" in r for r in m["rows"])  # a classifier: changes against dense
+    cols = ["model", m["rows"][0]["metric"], "change"] + (["broken"] if paired else [])
+    cols += ["FFN FLOPs"]
     cols += ["converted layers' FLOPs"] if routed else []
     run_label = RUN_LABEL[mod.get("skip", "block")]  # the share of (token, block) pairs
     cols += ["model FLOPs"] + ([run_label, "causal decision agrees with"] if depth else [])
@@ -362,6 +369,7 @@ def view(record: dict) -> list:
             r["model"],
             f"{r['quality']:.4g}",
             change(r["drop"]),
+            *([pct(r.get("broken", 0.0))] if paired else []),
             pct(r["ffn_fraction"]),
             *([pct(r.get("routed_fraction", 1.0))] if routed else []),
             pct(r["model_fraction"]),
