@@ -420,7 +420,7 @@ def calibration_table(cal: dict, title: str = "calibration") -> Table:
             *([pct(budget_fraction(r))] if routed else []),
             pct(r["model_fraction"]),
             f"{r['quality']:.4g}",
-            change(r["drop"]) + (f" ±{100 * r['drop_se']:.1f}" if r.get("drop_se") else ""),
+            change(r["drop"]),
             *([pct(r.get("broken", 0.0))] if paired else []),
             style="chosen" if chosen else None,
         )
