@@ -356,8 +356,22 @@ def test_threshold_kernel_follows_policy_changes(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def counting(monkeypatch, name: str) -> list:
+    """Calls of kernels.<name> from here on (the function replaced by a counting wrapper for
+    the test's duration)."""
+    calls = []
+    orig = getattr(kernels, name)
+
+    def counted(*a):
+        calls.append(1)
+        return orig(*a)
+
+    monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("scores", ["activation", "gate"])
-def test_generate_with_threshold_kernel_equals_masked(scores):
+def test_generate_with_threshold_kernel_equals_masked(scores, monkeypatch):
     """Decoding under TEAL-style / CATS-style thresholds (one token per step: the kernel) makes
     the same tokens as the masked reference, with a dense sink and padding."""
     m = tiny("gated", seed=3)
@@ -370,21 +384,11 @@ def test_generate_with_threshold_kernel_equals_masked(scores):
     prompt = torch.tensor([[0, 0, 5, 9, 17], [3, 4, 5, 6, 7]])
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": am}
-    calls = []
-    orig = kernels.threshold_ffn
-
-    def counted(*a):
-        calls.append(1)
-        return orig(*a)
-
-    kernels.threshold_ffn = counted
-    try:
-        with routing(m, pol):
-            with execution(m, "masked"):
-                want = m.generate(prompt, **kw)
-            got = m.generate(prompt, **kw)
-    finally:
-        kernels.threshold_ffn = orig
+    calls = counting(monkeypatch, "threshold_ffn")
+    with routing(m, pol):
+        with execution(m, "masked"):
+            want = m.generate(prompt, **kw)
+        got = m.generate(prompt, **kw)
     assert calls, "the threshold kernel was not used"
     assert torch.equal(got, want)
 
@@ -591,7 +595,7 @@ def _set_rule(moe, rule, x):
 @pytest.mark.parametrize("rule", ["tau", "threshold"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("n", [1, 16, 200])
-def test_one_call_router_path_equals_masked(rule, gated, n):
+def test_one_call_router_path_equals_masked(rule, gated, n, monkeypatch):
     """Router, rule and experts in one kernel call (routed_ffn) give the masked reference's
     output and statistics, the dense sink included; autograd keeps the general path."""
     from d2d.nn.moe import LayerStats, RoutingContext
@@ -604,29 +608,19 @@ def test_one_call_router_path_equals_masked(rule, gated, n):
     moe.context = RoutingContext(
         positions=torch.arange(start, start + n).view(1, n), min_position=start
     )
-    runs = []
-    orig = kernels.routed_ffn
-
-    def counted(*a):
-        runs.append(1)
-        return orig(*a)
-
-    kernels.routed_ffn = counted
-    try:
-        with torch.no_grad():
-            moe.stats = LayerStats()
-            got = moe(x)
-            got_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
-            moe.execution = "masked"
-            moe.stats = LayerStats()
-            want = moe(x)
-            want_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
-        moe.execution = "sparse"
-        assert len(runs) == 1, "the one-call path was not taken"
-        y = moe(x)  # autograd on: the modules run
-        assert len(runs) == 1 and y.requires_grad
-    finally:
-        kernels.routed_ffn = orig
+    runs = counting(monkeypatch, "routed_ffn")
+    with torch.no_grad():
+        moe.stats = LayerStats()
+        got = moe(x)
+        got_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
+        moe.execution = "masked"
+        moe.stats = LayerStats()
+        want = moe(x)
+        want_stats = (moe.stats.tokens, moe.stats.executed, moe.stats.usage.clone())
+    moe.execution = "sparse"
+    assert len(runs) == 1, "the one-call path was not taken"
+    y = moe(x)  # autograd on: the modules run
+    assert len(runs) == 1 and y.requires_grad
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_stats[:2] == want_stats[:2] and torch.equal(got_stats[2], want_stats[2])
     # a prompt's sink token ran every expert, the others not all

@@ -109,10 +109,16 @@ def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
     code = act_code(moe.act)
     if code < 0:
         return None
-    wp_in, wp_gate = packed(moe, x.shape[1])
-    y = load().ffn(
-        x.contiguous(),
-        mask.contiguous(),
+    max_pairs = int(max_fraction * mask.numel())
+    y = load().ffn(x.contiguous(), mask.contiguous(), *expert_args(moe), code, max_pairs)
+    return y if y.numel() or x.shape[0] == 0 else None
+
+
+def expert_args(moe) -> tuple:
+    """The experts' arguments of the `ffn` kernel: weights, biases (empty where absent), the
+    tiled kernels' packed copies (empty where they do not apply) and the expert size."""
+    wp_in, wp_gate = packed(moe, moe.d_model)
+    return (
         moe.w_in,
         _EMPTY if moe.b_in is None else moe.b_in,
         moe.w_gate if moe.gated else _EMPTY,
@@ -122,10 +128,7 @@ def fused_ffn(moe, x: torch.Tensor, mask: torch.Tensor, max_fraction: float):
         wp_in,
         wp_gate,
         moe.expert_size,
-        code,
-        int(max_fraction * mask.numel()),
     )
-    return y if y.numel() or x.shape[0] == 0 else None
 
 
 def sparse_ffn(moe, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -199,23 +202,8 @@ def routed_args(moe) -> tuple:
     tiled kernels' packed copies), built once per policy and weight version
     (d2d.nn.moe.MoEFFN._router_plan)."""
     r = moe.router
-    wp_in, wp_gate = packed(moe, moe.d_model)
-    return (
-        r.fc1.weight,
-        r.fc1.bias,
-        r.fc2.weight,
-        r.fc2.bias,
-        moe.w_in,
-        _EMPTY if moe.b_in is None else moe.b_in,
-        moe.w_gate if moe.gated else _EMPTY,
-        _EMPTY if moe.b_gate is None else moe.b_gate,
-        moe.w_out,
-        _EMPTY if moe.b_out is None else moe.b_out,
-        wp_in,
-        wp_gate,
-        moe.expert_size,
-        act_code(moe.act),
-    )
+    router = (r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)
+    return (*router, *expert_args(moe), act_code(moe.act))
 
 
 def routed_ffn(x: torch.Tensor, rule: int, value: float, sink, args: tuple, max_fraction: float):
