@@ -127,6 +127,12 @@ class Measurement:
     broken: float | None = None
     drop_se: float | None = None
 
+    def paired(self) -> dict:
+        """The pairing with the dense model as a record's fields ({} where not measured)."""
+        if self.broken is None:
+            return {}
+        return {"changed": self.changed, "broken": self.broken, "drop_se": self.drop_se}
+
 
 class Evaluator:
     """Holds a split's batches; measures a model under any routing policy on them.

@@ -32,6 +32,22 @@ def _env_token_limit(default: int = 3) -> int | str:
     return int(v) if v.isdigit() else v
 
 
+def _versions(weights) -> tuple:
+    """What identifies the current values of these tensors (None entries skipped): their
+    storage and in-place version, the key of every cache derived from them."""
+    return tuple((w.data_ptr(), w._version) for w in weights if w is not None)
+
+
+def _cpu_fp32(weights) -> bool:
+    """Whether every given tensor (None entries skipped) is a contiguous fp32 CPU tensor, as
+    the kernels read them."""
+    return all(
+        w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+        for w in weights
+        if w is not None
+    )
+
+
 class Router(nn.Module):
     """Predicts the L2 norm of each expert's output from the FFN's input (2-layer MLP)."""
 
@@ -165,7 +181,7 @@ class MoEFFN(nn.Module):
         return self.w_out.norm(dim=-1)
 
     def _cached(self, name: str, make, *weights: torch.Tensor | None):
-        key = tuple((w.data_ptr(), w._version) for w in weights if w is not None)
+        key = _versions(weights)
         hit = self._derived.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
@@ -303,7 +319,7 @@ class MoEFFN(nn.Module):
         weights = [self.w_in, self.b_in, self.w_gate, self.b_gate, self.w_out, self.b_out]
         if r is not None:
             weights += [r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias]
-        key = (self.index, id(r), *((w.data_ptr(), w._version) for w in weights if w is not None))
+        key = (self.index, id(r), *_versions(weights))
         hit = self._rplan
         if hit is not None and hit[0] is p and hit[1] == key:
             return hit[2]
@@ -315,11 +331,7 @@ class MoEFFN(nn.Module):
             and r.fc2.bias is not None
             and self.routes()
             and p.input_threshold(self.index) == 0
-            and all(
-                w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-                for w in weights
-                if w is not None
-            )
+            and _cpu_fp32(weights)
             and kernels.act_code(self.act) >= 0
             and kernels.load() is not None
         )
@@ -335,7 +347,7 @@ class MoEFFN(nn.Module):
         apply (then forward takes the general path)."""
         if self.router is None or self.policy.scores != "router":  # before any other test
             return None
-        if not (x2.dtype == torch.float32 and x2.device.type == "cpu" and self._fast_inference(x2)):
+        if not (kernels.applies(x2) and self._fast_inference(x2)):
             return None
         plan = self._router_plan()
         if plan is None:
@@ -404,7 +416,7 @@ class MoEFFN(nn.Module):
         Cached per policy, index and weight version, so that a decoding step pays a lookup in
         every layer, not these checks and copies."""
         p, weights = self.policy, (self.w_in, self.w_gate, self.w_out)
-        key = (self.index, *((w.data_ptr(), w._version) for w in weights if w is not None))
+        key = (self.index, *_versions(weights))
         hit = self._plan
         if hit is not None and hit[0] is p and hit[1] == key:
             return hit[2]
@@ -413,11 +425,7 @@ class MoEFFN(nn.Module):
             p.rule == "threshold"
             and p.scores in kernels.SCORE_CODES
             and (p.scores != "gate" or (self.gated and t_in == 0))
-            and all(
-                w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-                for w in weights
-                if w is not None
-            )
+            and _cpu_fp32(weights)
             and kernels.act_code(self.act) >= 0
             and self.d_out == self.d_model
             and kernels.load() is not None

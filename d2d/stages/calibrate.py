@@ -143,8 +143,7 @@ def _row(rule: str, policy: dict, m, dense_q: float, metric: str) -> dict:
     }
     if m.routed_fraction is not None:
         row["routed_fraction"] = m.routed_fraction
-    if m.broken is not None:
-        row.update(changed=m.changed, broken=m.broken, drop_se=m.drop_se)
+    row.update(m.paired())
     return row
 
 

@@ -142,11 +142,7 @@ def run(art, cfg: EvalConfig, progress):
                 "layer_fractions": m.layer_fractions,
                 **({"depth": m.depth} if m.depth else {}),
                 **({} if m.routed_fraction is None else {"routed_fraction": m.routed_fraction}),
-                **(
-                    {}
-                    if m.broken is None
-                    else {"changed": m.changed, "broken": m.broken, "drop_se": m.drop_se}
-                ),
+                **m.paired(),
             }
         )
     out = {"split": "heldout", "tokens": ev.tokens, "policy": policy, "rows": rows}
