@@ -2,6 +2,7 @@
 exact-magnitude rule against hand computations on a tiny model; single-neuron experts; their
 FLOPs; calibrate and eval --compare-rules with them."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,12 +156,13 @@ def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
     run_stage("convert", model_dirs["gated"], ConvertConfig(expert_size=1), conv)
     cfg = CalibrateConfig(
         tokens=256, seq_len=64, sensitivity_tokens=128, budgets="0.8,0.5",
-        layer_rules="magnitude", peers=True, max_quality_drop=10.0,
+        layer_rules="magnitude,split", peers=True, max_quality_drop=10.0,
     )  # fmt: skip
     rec = run_stage("calibrate", str(conv), cfg, tmp_path / "k")
     rows = rec.meta["calibration"]["rows"]
     names = {(r["rule"], r.get("budget")) for r in rows}
-    for rule in ("per-layer-magnitude", "split-magnitude", "teal-style", "cats-style"):
+    for rule in ("per-layer-magnitude", "split-magnitude", "per-layer-split", "teal-style",
+                 "cats-style"):  # fmt: skip
         assert (rule, 0.8) in names and (rule, 0.5) in names
     split = [r for r in rows if r["rule"] == "split-magnitude"]
     for r in split:  # the best of the tried splits, at about its budget
@@ -168,6 +170,9 @@ def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
         assert r["ffn_fraction"] == pytest.approx(r["budget"], abs=0.1)
     for r in rows[1:]:
         assert r["ffn_fraction"] < 1.0  # each of them skips work
+    for r in (r for r in rows if r["rule"] == "per-layer-split"):  # allocated about there
+        assert r["ffn_fraction"] == pytest.approx(r["budget"], abs=0.1)
+        assert set(r["policy"]["input_thresholds"]) == {"0", "1"}
     teal = {r["budget"]: r["ffn_fraction"] for r in rows if r["rule"] == "teal-style"}
     assert teal[0.5] == pytest.approx(0.5, abs=0.1)  # thresholds keep about that share
     from d2d import load
@@ -310,3 +315,59 @@ def test_layer_errors_by_hand(tokenizer, text_dir):
         full = layer.down(layer.hidden(x))
     want = float((y - full).pow(2).sum() / full.pow(2).sum())
     assert got["0"] == pytest.approx(want, rel=1e-4) and want > 0
+
+
+def test_divergence_by_hand(tokenizer, text_dir):
+    """Evaluator.divergence: 0 with every expert; under a routing, the KL divergence of each
+    position's next-token distribution from the dense model's, summed, by hand; refused for a
+    bare encoder (no output distribution)."""
+    from d2d.errors import D2DError
+    from d2d.measure.evaluate import Evaluator
+    from d2d.nn.policy import ALL
+
+    m = tiny("gated", vocab=tokenizer.vocab_size)
+    convert(m, ConvertConfig(expert_size=1))
+    ev = Evaluator(m, tokenizer, data=text_dir, split="heldout", seq_len=16, tokens=64, bf16=False)
+    assert ev.divergence(m, ALL) == pytest.approx(0.0, abs=1e-6)
+    pol = {"rule": "threshold", "scores": "magnitude", "thresholds": {"1": 1e9}}  # top unit only
+    with torch.no_grad():
+        ref = [F.log_softmax(m(input_ids=b["input_ids"]).logits, -1) for b in ev.batches]
+        with routing(m, pol):
+            got = [F.log_softmax(m(input_ids=b["input_ids"]).logits, -1) for b in ev.batches]
+    want = sum(float((r.exp() * (r - g)).sum()) for r, g in zip(ref, got, strict=True))
+    assert want > 0 and ev.divergence(m, pol) == pytest.approx(want, rel=1e-4)
+    ev.task = "encoder"
+    with pytest.raises(D2DError, match="output logits"):
+        ev.divergence(m, pol)
+
+
+def test_measured_split_table_routes_one_layer_at_a_time_and_allocates_by_cost():
+    """Each measured point routes one layer alone at the split of its level; the table starts
+    at every unit for free; the allocation gives the costlier layer the larger share."""
+    from d2d.measure.sensitivity import allocate, split_thresholds, unit_share
+    from d2d.stages.calibrate import SPLIT_LEVELS, SPLIT_STEP, measured_split_table
+
+    m = single()
+    sens = sensitivity_of(m)
+    seen = []
+
+    def cost(pol):
+        seen.append(pol)
+        (layer,) = pol["thresholds"]  # one layer routed
+        assert set(pol["input_thresholds"]) == {layer}
+        return (10.0 if layer == "0" else 1.0) * pol["thresholds"][layer]
+
+    table = measured_split_table(sens, cost, 1)
+    assert len(seen) == len(SPLIT_LEVELS) * 2
+    assert all(p["dense_positions"] == 1 for p in seen)
+    for fr, c, params in table.values():
+        assert list(fr) == [1.0, *SPLIT_LEVELS] and c[0] == 0.0 and params[0] == (0.0, 0.0)
+        assert all(np.diff(c) >= 0)
+    b = SPLIT_LEVELS[2]  # the thresholds of one level: the uniform split's
+    keep = b + SPLIT_STEP
+    units = {i: unit_share(lay, b, keep) for i, lay in sens.moes.items()}
+    t_in, t_unit = split_thresholds(sens, keep, units, weighted=True)
+    assert table[0][2][3] == pytest.approx((t_in[0], t_unit[0]))
+    got = allocate(table, 0.6)
+    level = {i: table[i][0][table[i][2].index(got[i])] for i in got}
+    assert level[0] > level[1] and (level[0] + level[1]) / 2 <= 0.6

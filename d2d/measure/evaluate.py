@@ -6,6 +6,7 @@ cosine similarity of its mean-pooled output to the dense model's (1.0 = unchange
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -71,6 +72,17 @@ def batches_for(
         if labels is not None:
             b["labels_"] = labels[i : i + bs]
         out.append(b)
+    return out
+
+
+def first_batches(batches: list[dict], tokens: int) -> list[dict]:
+    """The leading batches that reach `tokens` tokens (at least one)."""
+    out, used = [], 0
+    for b in batches:
+        if used >= tokens:
+            break
+        out.append(b)
+        used += int(b["input_ids"].numel())
     return out
 
 
@@ -161,6 +173,7 @@ class Evaluator:
         self.tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
         self._reference: list[torch.Tensor] | None = None
         self._dense_pred: torch.Tensor | None = None  # classifiers: labels, every expert run
+        self._dense_logp: list[torch.Tensor] | None = None  # log-probabilities, every expert
 
     @classmethod
     def of(cls, model, tokenizer, cfg, split: str, tokens: int | None = None) -> Evaluator:
@@ -202,6 +215,46 @@ class Evaluator:
                     [self._forward(model, b).logits.argmax(-1).cpu() for b in self.batches]
                 )
         return self._dense_pred
+
+    def first(self, tokens: int) -> Evaluator:
+        """The same split cut to its first batches, as many as reach `tokens` tokens (at least
+        one batch): the sample the per-layer sensitivity passes read."""
+        sub = copy.copy(self)
+        sub.batches = first_batches(self.batches, tokens)
+        sub.tokens = sum(int(b["input_ids"].numel()) for b in sub.batches)
+        sub._reference = sub._dense_pred = sub._dense_logp = None
+        return sub
+
+    def _log_probs(self, model, b) -> torch.Tensor:
+        """[rows, classes] log-probabilities of a batch's real positions (a causal LM: every
+        position's next-token distribution; a classifier: each example's labels)."""
+        logits = self._forward(model, b).logits.float().cpu()
+        if logits.dim() == 3:  # per token
+            keep = b.get("attention_mask")
+            logits = logits.reshape(-1, logits.shape[-1])
+            if keep is not None:
+                logits = logits[keep.reshape(-1).bool()]
+        return F.log_softmax(logits, -1)
+
+    def divergence(self, model, policy: RoutingPolicy | dict) -> float:
+        """The KL divergence of the model's output distribution under `policy` from its own
+        with every expert run, summed over the split's real positions: a routing's measured
+        cost, finer-grained than the difference of two qualities on a few tokens. The dense
+        log-probabilities are computed once (they take tokens x vocabulary floats)."""
+        if self.task == "encoder":
+            raise D2DError(
+                "a routing's divergence needs a model with output logits (a causal LM or a "
+                "classifier), not a bare encoder"
+            )
+        if self._dense_logp is None:
+            with routing(model, ALL):
+                self._dense_logp = [self._log_probs(model, b) for b in self.batches]
+        total = 0.0
+        with routing(model, policy):
+            for b, ref in zip(self.batches, self._dense_logp, strict=True):
+                lp = self._log_probs(model, b)
+                total += float((ref.exp() * (ref - lp)).sum())
+        return total
 
     def measure(
         self,

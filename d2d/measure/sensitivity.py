@@ -87,6 +87,8 @@ def layer_sensitivity(
     `pass_tokens` tokens (at least one sequence) a pass (`progress(task, done, total)` after
     each batch). The Fisher samples are drawn per sequence, so the passes' split does not
     change the result."""
+    from d2d.measure.evaluate import first_batches
+
     moes = moe_layers(model)
     caps: dict[int, list] = {i: [] for i in moes}
     outs: dict[int, list] = {i: [] for i in moes}
@@ -110,12 +112,7 @@ def layer_sensitivity(
         m.capture = make(i)
         hooks.append(m.register_forward_hook(lambda mod, a, y, i=i: outs[i].append(y)))
     grads: dict[int, list] = {i: [] for i in moes}
-    chosen, used = [], 0  # the batches the token budget takes
-    for b in ev.batches:
-        if used >= tokens:
-            break
-        chosen.append(b)
-        used += int(b["input_ids"].numel())
+    chosen = first_batches(ev.batches, tokens)  # the batches the token budget takes
     row = 0  # index of the next sequence: it seeds that sequence's Fisher sample
     try:
         with routing(model, ALL):

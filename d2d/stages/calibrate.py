@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from d2d.errors import D2DError, StageOrderError
 from d2d.options import parse_budgets, parse_taus
 from d2d.progress import Progress, null_progress
@@ -30,9 +32,10 @@ TARGET_SLACK = 0.01
 
 # per-layer rules calibrate allocates: the routers' (d2d.nn.policy's per-layer rules) and the
 # router-free exact-magnitude rule ("magnitude": gate and up on the input entries above a
-# per-layer threshold, down for the neurons whose |h| x |W_down row| passes another)
+# per-layer threshold, down for the neurons whose |h| x |W_down row| passes another; "split":
+# the same rule, each layer's share of the budget allocated from its measured cost)
 ROUTER_RULES = ("tau", "threshold", "topk")
-FREE_RULES = ("magnitude",)
+FREE_RULES = ("magnitude", "split")
 PEERS = ("teal-style", "cats-style")
 
 
@@ -89,7 +92,11 @@ class CalibrateConfig(SampleFields):
             "help": "Per-layer rules: tau (dynamic-k), threshold (absolute predicted "
             "norm), topk (fixed k per layer); magnitude (no router: gate and up on the input "
             "entries above a per-layer threshold, down for the units whose |h| x |W_down row| "
-            "passes another; both allocated per layer, best with --expert-size 1)."
+            "passes another; both allocated per layer from an estimate, best with --expert-size "
+            "1); split (the same rule, gate and up reading 5 points more of the input than a "
+            "layer's budget, each layer's budget allocated from its measured cost: the "
+            "divergence from the dense model with that layer alone routed, 6 levels per layer "
+            "on the sensitivity tokens, about 180 forward passes for a 30-layer model)."
         },
     )
     peers: bool = field(
@@ -248,7 +255,9 @@ def sweep(
                 )
                 progress(f"per-layer {rule}", j + 1, len(budgets), budget=b)
         free = cfg.per_layer and "magnitude" in rules
-        free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress, trial)
+        split = cfg.per_layer and "split" in rules  # measured on the sensitivity tokens
+        cost = sens_ev.first(cfg.sensitivity_tokens).divergence if split else None
+        free_rows(model, sens, budgets, sink, free, cfg.peers, add, progress, trial, cost)
     return rows, measured
 
 
@@ -258,17 +267,33 @@ SPLIT_STEPS = (0.0, 0.05, 0.1)
 
 
 def free_rows(
-    model, sens, budgets, sink: int, magnitude: bool, peers: bool, add, progress, trial=None
+    model,
+    sens,
+    budgets,
+    sink: int,
+    magnitude: bool,
+    peers: bool,
+    add,
+    progress,
+    trial=None,
+    divergence=None,
 ):
     """The router-free rows at each budget: d2d's exact-magnitude rule (allocated per layer,
-    and at the best uniform split of the budget between gate/up's input and down's units) and
-    the peers. `add(rule, policy, budget, measurement=None)` measures (unless given) and
-    records one row; `trial(policy)` measures without recording and returns (drop,
-    measurement): the split is chosen by it (on calibration text) before its row is recorded."""
+    and at the best uniform split of the budget between gate/up's input and down's units),
+    with `divergence` (policy -> its measured cost on calibration text) the split allocated per
+    layer from measured costs, and the peers. `add(rule, policy, budget, measurement=None)`
+    measures (unless given) and records one row; `trial(policy)` measures without recording
+    and returns (drop, measurement): the split is chosen by it (on calibration text) before its
+    row is recorded."""
     from d2d.measure.sensitivity import allocate, magnitude_table
 
     table = magnitude_table(sens, progress) if magnitude else None
+    measured = None
+    if divergence is not None:
+        measured = measured_split_table(sens, lambda p: divergence(model, p), sink, progress)
     for j, b in enumerate(budgets):
+        if measured is not None:
+            add("per-layer-split", magnitude_policy(allocate(measured, b, sens.weights()), sink), b)
         if table is not None:
             add(
                 "per-layer-magnitude", magnitude_policy(allocate(table, b, sens.weights()), sink), b
@@ -299,6 +324,45 @@ def split_policies(sens, budget: float, sink: int) -> list[dict]:
         out.append({**pol, "input_share": keep})
         if keep >= 1.0:
             break
+    return out
+
+
+# the split allocated per layer: the FFN budgets a layer may take besides every unit, and how
+# much more of the input than its budget gate and up read there (units get the rest)
+SPLIT_LEVELS = (0.85, 0.75, 0.65, 0.55, 0.45, 0.35)
+SPLIT_STEP = 0.05
+
+
+def measured_split_table(sens, cost, sink: int, progress=None, levels=SPLIT_LEVELS) -> dict:
+    """Per layer, the exact-magnitude rule at the split of each level b of `levels` (gate and
+    up read the share min(1, b + SPLIT_STEP) of the input, down runs the units that the rest of
+    b pays for, thresholds from the calibration sample) and its measured cost: `cost(policy)`
+    with only this layer routed (the rest run every unit). Returns `allocate`'s table: FFN
+    fractions (every unit first, at cost 0), costs made non-decreasing with the savings, and
+    (input, unit) thresholds. The costs of layers routed alone do not add up exactly (a layer's
+    error changes what the next sees); they rank the layers, which is what the allocation
+    needs."""
+    from d2d.measure.sensitivity import split_thresholds, unit_share
+
+    points = {i: [(1.0, 0.0, (0.0, 0.0))] for i in sens.moes}
+    steps = len(levels) * len(sens.moes)
+    for j, b in enumerate(levels):
+        keep = min(1.0, b + SPLIT_STEP)
+        units = {i: unit_share(m, b, keep) for i, m in sens.moes.items()}
+        t_in, t_unit = split_thresholds(sens, keep, {i: u or 1.0 for i, u in units.items()}, True)
+        for k, i in enumerate(sens.moes):
+            if progress is not None:
+                progress("measured split costs, layer x level", j * len(sens.moes) + k, steps)
+            if units[i] is None:  # gate and up alone exceed this level
+                continue
+            params = (t_in[i], t_unit[i])
+            points[i].append((b, cost(magnitude_policy({i: params}, sink)), params))
+    out = {}
+    for i, pts in points.items():
+        fr = np.array([p[0] for p in pts])
+        order = np.argsort(-fr, kind="stable")
+        cost_ = np.maximum.accumulate(np.array([pts[o][1] for o in order]))
+        out[i] = (fr[order], cost_, [pts[o][2] for o in order])
     return out
 
 

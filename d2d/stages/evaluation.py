@@ -33,7 +33,7 @@ class EvalConfig(SampleFields):
             "help": "Rule families for --compare-rules: router and oracle (global tau, "
             "per-layer tau / threshold / top-k, static top-k, ranked by the routers or by the "
             "true norms), peers (TEAL-style, CATS-style), magnitude (router-free exact "
-            "magnitude)."
+            "magnitude), split (the same rule, per-layer budgets from measured costs)."
         },
     )
     compare_budgets: str = field(
@@ -182,7 +182,7 @@ def run(art, cfg: EvalConfig, progress):
     return out, {}
 
 
-COMPARE_FAMILIES = ("router", "oracle", "peers", "magnitude")
+COMPARE_FAMILIES = ("router", "oracle", "peers", "magnitude", "split")
 COMPARE_TAUS = "0.005,0.01,0.02,0.03,0.05,0.075,0.1,0.15,0.2"
 COMPARE_TOPK = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 COMPARE_DROPS = (0.01, 0.02, 0.05, 0.1)
@@ -191,8 +191,9 @@ COMPARE_DROPS = (0.01, 0.02, 0.05, 0.1)
 def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
     """The rule families of `--compare` on `ev` (held-out), per-layer budgets allocated from
     calibration-split sensitivity: "router" and "oracle" (every rule with the routers' or the
-    true norms' ranking, and static top-k), "peers" (TEAL-style, CATS-style) and "magnitude"
-    (d2d's router-free exact-magnitude rule); and the router / oracle savings ratio."""
+    true norms' ranking, and static top-k), "peers" (TEAL-style, CATS-style), "magnitude"
+    (d2d's router-free exact-magnitude rule) and "split" (that rule's split allocated per layer
+    from costs measured on calibration text); and the router / oracle savings ratio."""
     from d2d.measure.evaluate import Evaluator
     from d2d.measure.sensitivity import layer_sensitivity
     from d2d.nn.policy import ALL
@@ -228,7 +229,7 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
             row = _row("static-topk", pol, got, dense_q, ev.metric)
             rows.append({**row, "scores": scores, "fraction": f})
         progress(f"comparing rules ({scores} scores)", 1, 1)
-    if "peers" in fams or "magnitude" in fams:
+    if {"peers", "magnitude", "split"} & set(fams):
         sens = layer_sensitivity(art.model, cal, sink, 2048, cfg.seed)
 
         def add(rule: str, pol: dict, budget: float, got=None) -> None:
@@ -241,8 +242,9 @@ def compare_rules(art, cfg: EvalConfig, ev, progress) -> dict:
             return _row("", pol, got, cal_q, cal.metric)["drop"], None
 
         cal_q = cal.measure(art.model, ALL).quality if "magnitude" in fams else None
+        cost = cal.divergence if "split" in fams else None
         free_rows(art.model, sens, budgets, sink, "magnitude" in fams, "peers" in fams, add,
-                  progress, trial)  # fmt: skip
+                  progress, trial, cost)  # fmt: skip
     for r in rows:
         r.pop("layer_fractions", None)
     by_rule = {k: savings_ratio(rows, k) for k in dict.fromkeys(r["rule"] for r in rows)}
