@@ -149,6 +149,7 @@ def test_flops_of_each_score_kind_by_hand():
 
 
 def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
+    from d2d.nn.policy import row_label
     from d2d.stages import CalibrateConfig, run_stage
     from d2d.stages.calibrate import SPLIT_STEPS
 
@@ -172,6 +173,7 @@ def test_calibrate_peers_and_magnitude_without_routers(model_dirs, tmp_path):
         assert r["ffn_fraction"] < 1.0  # each of them skips work
     for r in (r for r in rows if r["rule"] == "per-layer-split"):  # allocated about there
         assert r["ffn_fraction"] == pytest.approx(r["budget"], abs=0.1)
+        assert row_label(r).startswith("exact magnitude, split per layer by measured cost @")
         assert set(r["policy"]["input_thresholds"]) == {"0", "1"}
     teal = {r["budget"]: r["ffn_fraction"] for r in rows if r["rule"] == "teal-style"}
     assert teal[0.5] == pytest.approx(0.5, abs=0.1)  # thresholds keep about that share

@@ -329,6 +329,7 @@ def row_label(row: dict) -> str:
         "cats-style": "CATS-style",
         "per-layer-magnitude": "exact magnitude",
         "split-magnitude": "exact magnitude, uniform split",
+        "per-layer-split": "exact magnitude, split per layer by measured cost",
     }.get(row["rule"])
     share = row.get("policy", {}).get("input_share")
     if named and share is not None:  # the uniform split: the input share gate and up read
