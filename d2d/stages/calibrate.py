@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from d2d.errors import D2DError, StageOrderError
 from d2d.options import parse_budgets, parse_taus
 from d2d.progress import Progress, null_progress
@@ -342,6 +340,8 @@ def measured_split_table(sens, cost, sink: int, progress=None, levels=SPLIT_LEVE
     (input, unit) thresholds. The costs of layers routed alone do not add up exactly (a layer's
     error changes what the next sees); they rank the layers, which is what the allocation
     needs."""
+    import numpy as np
+
     from d2d.measure.sensitivity import split_thresholds, unit_share
 
     points = {i: [(1.0, 0.0, (0.0, 0.0))] for i in sens.moes}
