@@ -57,13 +57,7 @@ class Sensitivity:
                     c, mask = c[tm], mask[tm]
                 fr.append(float(mask.float().mean()))
                 cost.append(float(c.sum()))
-            order = np.argsort(-np.array(fr), kind="stable")  # dense first
-            fr_a = np.array(fr)[order]
-            out[i] = (
-                fr_a,
-                np.maximum.accumulate(np.array(cost)[order]),
-                [params[j] for j in order],
-            )
+            out[i] = cost_table(fr, cost, params)
         return out
 
 
@@ -178,6 +172,17 @@ def _fisher_loss(task: str, out, kw, seed: int, rows) -> torch.Tensor:
         ]
     ).view(logits.shape[:-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def cost_table(fr, cost, params) -> tuple[np.ndarray, np.ndarray, list]:
+    """One layer's entry of `allocate`'s table from its grid points: (fractions run, costs,
+    rule parameters), most run first, the costs made non-decreasing as fewer run."""
+    order = np.argsort(-np.asarray(fr, dtype=float), kind="stable")
+    return (
+        np.asarray(fr, dtype=float)[order],
+        np.maximum.accumulate(np.asarray(cost, dtype=float)[order]),
+        [params[j] for j in order],
+    )
 
 
 def allocate(table: dict, budget: float, weights: dict | None = None) -> dict[int, float]:
@@ -301,12 +306,7 @@ def magnitude_table(
                 fr.append((kx * gate_up + k * down) / (gate_up + down))
                 cost.append(float(c))
                 params.append((t_x, t_h))
-        order = np.argsort(-np.array(fr), kind="stable")
-        out[i] = (
-            np.array(fr)[order],
-            np.maximum.accumulate(np.array(cost)[order]),
-            [params[j] for j in order],
-        )
+        out[i] = cost_table(fr, cost, params)
     return out
 
 

@@ -340,9 +340,7 @@ def measured_split_table(sens, cost, sink: int, progress=None, levels=SPLIT_LEVE
     (input, unit) thresholds. The costs of layers routed alone do not add up exactly (a layer's
     error changes what the next sees); they rank the layers, which is what the allocation
     needs."""
-    import numpy as np
-
-    from d2d.measure.sensitivity import split_thresholds, unit_share
+    from d2d.measure.sensitivity import cost_table, split_thresholds, unit_share
 
     points = {i: [(1.0, 0.0, (0.0, 0.0))] for i in sens.moes}
     steps = len(levels) * len(sens.moes)
@@ -357,13 +355,7 @@ def measured_split_table(sens, cost, sink: int, progress=None, levels=SPLIT_LEVE
                 continue
             params = (t_in[i], t_unit[i])
             points[i].append((b, cost(magnitude_policy({i: params}, sink)), params))
-    out = {}
-    for i, pts in points.items():
-        fr = np.array([p[0] for p in pts])
-        order = np.argsort(-fr, kind="stable")
-        cost_ = np.maximum.accumulate(np.array([pts[o][1] for o in order]))
-        out[i] = (fr[order], cost_, [pts[o][2] for o in order])
-    return out
+    return {i: cost_table(*zip(*pts, strict=True)) for i, pts in points.items()}
 
 
 def magnitude_policy(params: dict, sink: int) -> dict:
